@@ -1,0 +1,41 @@
+# The two commands of the quick start:
+#   make run   -- install, start local services, run a worker per tenant on a demo feed
+#   make test  -- install and run the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: install run test unit integration bench services-up services-down clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/casestream demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: $(STAMP)
+	$(BIN)/python bench/intake_bench.py
+
+services-up: $(STAMP)
+	$(BIN)/casestream services up
+
+services-down: $(STAMP)
+	$(BIN)/casestream services down
+
+clean:
+	rm -rf $(VENV) .casestream .pytest_cache

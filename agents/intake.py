@@ -1,0 +1,161 @@
+"""Intake agents: route, then apply. Thin shells over ``streams.domain``.
+
+``route`` (stateless, any key) parses and validates each ``T.intake``
+message; bad input goes to ``T.dlq`` with a reason, good input is re-keyed
+by its routing token (a hash of the dedup key, also embedded in case ids) to
+``T.intake-routed``, so everything about one dedup key and its cases is
+processed by one partition, in order.
+
+``apply_cases`` (stateful) looks up the key and case state in the RocksDB
+tables, asks ``streams.domain.cases.decide`` what to do, sends the domain
+events (Avro, keyed by case id) or the dead letter, and stores the new
+state. Crash safety under Faust's at-least-once delivery:
+
+* outputs and table writes are buffered (``send_soon``); Faust flushes the
+  producer before it commits an offset, so a committed offset implies its
+  outputs and changelog records were acknowledged;
+* outputs are deterministic (ids, versions and case ids derive from the
+  intake id), so a redelivered message that was not yet recorded produces
+  byte-identical events;
+* a redelivered message that *was* recorded (its id is in the key state) has
+  no second effect: its recorded outputs are re-sent verbatim and the state
+  rewritten, in case the crash lost them after the local store had them.
+Consumers deduplicate by ``event_id`` or ``(case_id, version)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+
+import orjson
+
+import schemas
+from streams import metrics
+from streams.app import Topology
+from streams.domain import cases as domain
+from streams.domain.intake import UNKNOWN_CASE, Intake, Rejection, parse, routing_key
+
+log = logging.getLogger("casestream.intake")
+
+DOMAIN = "domain-events"
+DLQ = "dlq"
+
+
+def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, raw: bytes | None) -> dict:
+    """The DLQ record: reason, detail, where it came from, and the original."""
+    record = {
+        "reason": rejection.reason,
+        "detail": rejection.detail,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "original": None,
+        "original_encoding": "utf-8",
+        "dead_lettered_at": None,
+    }
+    if raw is not None:
+        try:
+            record["original"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            record["original"] = base64.b64encode(raw).decode()
+            record["original_encoding"] = "base64"
+    return record
+
+
+def _headers(event: dict) -> list[tuple[str, bytes]]:
+    return [("event_type", event["type"].encode()), ("tenant", event["tenant"].encode()),
+            ("case_id", event["case_id"].encode()), ("event_id", event["event_id"].encode())]
+
+
+def register(topo: Topology) -> None:
+    app, tenant = topo.app, topo.tenant
+    tname = tenant.name
+    intake_topic_name = topo.family.name("intake")
+
+    def send_dlq(key: bytes | None, record: dict) -> None:
+        record = dict(record, dead_lettered_at=int(time.time() * 1000))
+        topo.dlq.send_soon(key=key, value=orjson.dumps(record))
+        metrics.DLQ_MESSAGES.labels(tname, record["reason"]).inc()
+
+    def send_outputs(outputs: list) -> None:
+        for kind, key, value in outputs:
+            if kind == DOMAIN:
+                topo.domain_events.send_soon(key=key.encode(), value=schemas.encode(value),
+                                             headers=_headers(value))
+                metrics.DOMAIN_EVENTS.labels(tname, value["type"]).inc()
+            else:
+                send_dlq(key.encode() if key else None, value)
+
+    @app.agent(topo.intake, name=f"{topo.family.app_id}.route")
+    async def route(stream):
+        async for event in stream.events():
+            msg = event.message
+            raw = event.value
+            result = parse(raw, tenant, int(msg.timestamp * 1000))
+            if isinstance(result, Rejection):
+                send_dlq(msg.key, dead_letter(result, msg.topic, msg.partition, msg.offset, raw))
+                metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
+                continue
+            rkey = routing_key(result, tenant)
+            if rkey is None:
+                rej = Rejection(UNKNOWN_CASE, f"case id {result.case_id!r} is not a {tname} case id")
+                send_dlq(msg.key, dead_letter(rej, msg.topic, msg.partition, msg.offset, raw))
+                metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
+                continue
+            envelope = {
+                "intake": result.to_dict(),
+                "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+                "original": raw.decode("utf-8"),  # parsed as JSON, so valid UTF-8
+            }
+            topo.routed.send_soon(key=rkey.encode(), value=orjson.dumps(envelope))
+            metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
+
+    def load(table, key: str | None) -> dict | None:
+        if key is None:
+            return None
+        raw = table.get(key)
+        return orjson.loads(raw) if raw is not None else None
+
+    @app.agent(topo.routed, name=f"{topo.family.app_id}.apply")
+    async def apply_cases(stream):
+        async for event in stream.events():
+            started = time.perf_counter()
+            env = orjson.loads(event.value)
+            intake = Intake.from_dict(env["intake"])
+            if intake.case_id is not None:
+                case = load(topo.cases, intake.case_id)
+                key_state = load(topo.keys, case["dedup_key"]) if case else None
+            else:
+                key_state = load(topo.keys, intake.dedup_key)
+                case = load(topo.cases, domain.target_case_id(intake, key_state))
+            decision = domain.decide(tenant, intake, key_state, case)
+
+            if decision.duplicate:
+                # Already applied: no second effect. Re-send what it produced
+                # and rewrite the state, in case a crash lost them downstream.
+                metrics.DUPLICATES.labels(tname).inc()
+                send_outputs(domain.recorded_outputs(key_state, intake.event_id) or [])
+                topo.keys[key_state["dedup_key"]] = orjson.dumps(key_state)
+                if case is not None:
+                    topo.cases[case["case_id"]] = orjson.dumps(case)
+                continue
+
+            outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
+            if decision.rejection is not None:
+                src = env["source"]
+                record = dead_letter(decision.rejection, src["topic"], src["partition"], src["offset"],
+                                     env["original"].encode("utf-8"))
+                outputs.append([DLQ, intake.dedup_key or intake.case_id, record])
+                metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
+            else:
+                metrics.INTAKE_MESSAGES.labels(tname, "noop" if decision.noop else "applied").inc()
+            send_outputs(outputs)
+            for case_id, state in decision.cases.items():
+                topo.cases[case_id] = orjson.dumps(state)
+            if decision.key_state is not None:
+                ks = domain.remember(decision.key_state, intake.event_id, outputs)
+                topo.keys[ks["dedup_key"]] = orjson.dumps(ks)
+            metrics.APPLY_SECONDS.labels(tname).observe(time.perf_counter() - started)
+
+    topo.agents = {"route": route, "apply": apply_cases}  # type: ignore[attr-defined]
+    log.debug("registered intake agents for %s (source %s)", tname, intake_topic_name)

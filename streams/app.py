@@ -1,0 +1,80 @@
+"""The Faust app of one tenant's worker, and its topology.
+
+``create_app`` builds a Faust app whose id, topics, tables and store
+directory all belong to one tenant; ``agents.intake.register`` wires the
+agents into it. Nothing here runs at import time, so both tenants' apps can
+be built side by side (tests, ``casestream topics create``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+
+from streams.config import Tenant, TopicFamily, get_tenant, load_topics
+from streams.settings import Settings, default_instance_id
+
+
+@dataclass
+class Topology:
+    """Everything a tenant's agents need: config, Faust topics and tables."""
+
+    tenant: Tenant
+    family: TopicFamily
+    app: faust.App
+    intake: faust.TopicT
+    routed: faust.TopicT
+    domain_events: faust.TopicT
+    dlq: faust.TopicT
+    keys: faust.Table
+    cases: faust.Table
+
+
+def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
+    return app.topic(name, key_type=bytes, value_type=bytes,
+                     key_serializer="raw", value_serializer="raw", internal=False)
+
+
+def create_app(settings: Settings, tenant_name: str | None = None, *,
+               instance_id: str | None = None) -> Topology:
+    name = tenant_name or settings.tenant_name
+    tenant = get_tenant(name, settings.tenants_file)
+    family = load_topics(tenant.name, settings.topics_file)
+    store_dir = settings.store_dir(tenant.name)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        family.app_id,
+        broker=[f"kafka://{s}" for s in settings.kafka_servers],
+        store="rocksdb://",
+        datadir=str(store_dir),
+        topic_partitions=family.partitions,
+        topic_replication_factor=family.replication_factor,
+        topic_allow_declare=True,
+        processing_guarantee="at_least_once",
+        consumer_group_instance_id=instance_id or default_instance_id(tenant.name),
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=False,
+        autodiscover=False,
+        table_cleanup_interval=60.0,
+    )
+    table_opts = {"driver": "rocksdict"}
+    topo = Topology(
+        tenant=tenant,
+        family=family,
+        app=app,
+        intake=_raw_topic(app, family.name("intake")),
+        routed=_raw_topic(app, family.name("intake-routed")),
+        domain_events=_raw_topic(app, family.name("domain-events")),
+        dlq=_raw_topic(app, family.name("dlq")),
+        keys=app.Table("keys", default=None, key_type=bytes, value_type=bytes,
+                       options=table_opts,
+                       help="dedup key -> key state (open case, latest case, seen intake ids)"),
+        cases=app.Table("cases", default=None, key_type=bytes, value_type=bytes,
+                        options=table_opts,
+                        help="case id -> current case state"),
+    )
+    from agents import intake  # agents are thin shells over streams.domain
+    intake.register(topo)
+    return topo

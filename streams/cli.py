@@ -1,0 +1,392 @@
+"""The ``casestream`` command line.
+
+Exit codes: 0 success; 1 a service failed or could not be reached;
+2 bad usage or invalid configuration; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import orjson
+
+from streams.config import ConfigError, get_tenant, load_tenants, load_topics
+from streams.settings import Settings, default_instance_id, load_settings
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL):
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------
+# output helpers
+# --------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], columns: list[str], out=None) -> None:
+    out = out or sys.stdout
+    if not rows:
+        print("(none)", file=out)
+        return
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip(), file=out)
+    for r in rows:
+        print("  ".join(_cell(r.get(c)).ljust(widths[c]) for c in columns).rstrip(), file=out)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _tenants_arg(settings: Settings, tenant: str | None) -> list[str]:
+    tenants = load_tenants(settings.tenants_file)
+    if tenant is None:
+        return sorted(tenants)
+    if tenant not in tenants:
+        raise ConfigError(f"unknown tenant '{tenant}'; configured tenants are: {', '.join(sorted(tenants))}")
+    return [tenant]
+
+
+def _port_of(address: str, default: int) -> int:
+    if "://" not in address:
+        address = "tcp://" + address.split(",")[0]
+    return urlparse(address).port or default
+
+
+# --------------------------------------------------------------------------
+# services
+# --------------------------------------------------------------------------
+
+
+def _local_services(settings: Settings, args) -> "LocalServices":  # noqa: F821
+    from streams.services import LocalServices
+
+    kport = args.kafka_port or _port_of(settings.kafka_bootstrap_servers, 9092)
+    eport = args.es_port or _port_of(settings.elasticsearch_url, 9200)
+    return LocalServices(settings.services_dir, kafka_port=kport, es_port=eport)
+
+
+def cmd_services(args, settings: Settings) -> int:
+    from streams.services import ServiceError
+
+    svc = _local_services(settings, args)
+    try:
+        if args.action == "up":
+            svc.up(timeout=args.timeout)
+        elif args.action == "down":
+            svc.down()
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+    state = svc.running()
+    rows = [{"service": "kafka", "address": svc.kafka, "running": state["kafka"],
+             "env": f"KAFKA_BOOTSTRAP_SERVERS={svc.kafka}"},
+            {"service": "elasticsearch", "address": svc.elasticsearch, "running": state["elasticsearch"],
+             "env": f"ELASTICSEARCH_URL={svc.elasticsearch}"}]
+    if args.json:
+        emit_json({"data_dir": str(svc.data_dir), "services": rows})
+    else:
+        print_table(rows, ["service", "address", "running", "env"])
+    if args.action == "status" and not all(state.values()):
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# topics
+# --------------------------------------------------------------------------
+
+
+def cmd_topics(args, settings: Settings) -> int:
+    from streams.kafka import create_topics
+
+    families = [load_topics(t, settings.topics_file) for t in _tenants_arg(settings, args.tenant)]
+    try:
+        results = asyncio.run(asyncio.wait_for(
+            create_topics(settings.kafka_bootstrap_servers, families), timeout=args.timeout))
+    except (asyncio.TimeoutError, OSError, Exception) as exc:  # aiokafka raises many kinds
+        if isinstance(exc, ConfigError):
+            raise
+        raise CliError(f"could not create topics on {settings.kafka_bootstrap_servers}: "
+                       f"{exc.__class__.__name__} {exc}. Is Kafka up? ('casestream services up')") from None
+    rows = [{"topic": r.name, "role": r.role, "partitions": r.partitions,
+             "state": "created" if r.created else "exists"} for r in results]
+    if args.json:
+        emit_json(rows)
+    else:
+        print_table(rows, ["topic", "role", "partitions", "state"])
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# worker
+# --------------------------------------------------------------------------
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    import faust
+
+    from streams import metrics
+    from streams.app import create_app
+
+    tenant = args.tenant or settings.tenant_name
+    get_tenant(tenant, settings.tenants_file)  # unknown tenant: clear error before anything starts
+    topo = create_app(settings, tenant, instance_id=args.instance_id)
+    port = args.metrics_port if args.metrics_port is not None else int(os.environ.get("CASESTREAM_METRICS_PORT", "0"))
+    if port:
+        metrics.serve(port)
+    worker = faust.Worker(topo.app, loglevel=args.loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# send / tail
+# --------------------------------------------------------------------------
+
+
+def _read_lines(path: str) -> list[bytes]:
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    return [ln.strip() for ln in data.splitlines() if ln.strip() and not ln.lstrip().startswith(b"#")]
+
+
+def message_key(raw: bytes, tenant) -> tuple[bytes | None, str]:
+    """Kafka key and printable dedup key of an intake line (same rules as the worker)."""
+    from streams.domain.intake import Rejection, parse
+
+    result = parse(raw, tenant, 0)
+    if isinstance(result, Rejection):
+        return None, f"- ({result.reason}: {result.detail})"
+    key = result.dedup_key or result.case_id
+    return key.encode(), key
+
+
+async def send_lines(bootstrap: str, topic: str, lines: list[bytes], tenant) -> list[str]:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                max_request_size=1048576 + 1024)
+    await producer.start()
+    try:
+        keys, futures = [], []
+        for raw in lines:
+            key, shown = message_key(raw, tenant)
+            keys.append(shown)
+            futures.append(await producer.send(topic, raw, key=key))
+        await asyncio.gather(*futures)
+        return keys
+    finally:
+        await producer.stop()
+
+
+def cmd_send(args, settings: Settings) -> int:
+    tenant = get_tenant(args.tenant or settings.tenant_name, settings.tenants_file)
+    topic = load_topics(tenant.name, settings.topics_file).name("intake")
+    lines = _read_lines(args.file)
+    try:
+        keys = asyncio.run(asyncio.wait_for(send_lines(settings.kafka_bootstrap_servers, topic, lines, tenant),
+                                            timeout=args.timeout))
+    except Exception as exc:
+        raise CliError(f"sending to {topic} on {settings.kafka_bootstrap_servers} failed: "
+                       f"{exc.__class__.__name__} {exc}") from None
+    for k in keys:
+        print(k)
+    print(f"sent {len(keys)} message(s) to {topic}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def read_topic(bootstrap: str, topic: str, *, from_beginning: bool, max_messages: int | None,
+                     idle_timeout: float | None, on_message: Callable[[Any], None]) -> int:
+    """Read a topic without a consumer group (all partitions), calling on_message."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest" if from_beginning else "latest")
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise CliError(f"topic {topic} does not exist; run 'casestream topics create'")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await consumer.seek_to_end(*tps)
+        seen = 0
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=1000)
+            for records in batch.values():
+                for rec in records:
+                    on_message(rec)
+                    seen += 1
+                    last = loop.time()
+                    if max_messages and seen >= max_messages:
+                        return seen
+            if idle_timeout is not None and loop.time() - last > idle_timeout:
+                return seen
+    finally:
+        await consumer.stop()
+
+
+def decode_record(rec, kind: str) -> dict:
+    import schemas
+
+    if kind == "domain-events":
+        try:
+            return schemas.decode(rec.value)
+        except Exception as exc:
+            return {"undecodable": str(exc), "partition": rec.partition, "offset": rec.offset}
+    try:
+        return orjson.loads(rec.value)
+    except orjson.JSONDecodeError:
+        return {"undecodable": "not JSON", "partition": rec.partition, "offset": rec.offset}
+
+
+def cmd_tail(args, settings: Settings) -> int:
+    tenant = get_tenant(args.tenant or settings.tenant_name, settings.tenants_file)
+    topic = load_topics(tenant.name, settings.topics_file).name(args.topic)
+
+    def show(rec) -> None:
+        sys.stdout.write(orjson.dumps(decode_record(rec, args.topic)).decode() + "\n")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(read_topic(settings.kafka_bootstrap_servers, topic, from_beginning=args.from_beginning,
+                               max_messages=args.max, idle_timeout=args.idle_timeout, on_message=show))
+    except CliError:
+        raise
+    except Exception as exc:
+        raise CliError(f"reading {topic} failed: {exc.__class__.__name__} {exc}") from None
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, follow=args.follow, as_json=args.json)
+
+
+# --------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="casestream",
+        description="Kafka-native event backbone for incident and case management.",
+        epilog="Addresses come from KAFKA_BOOTSTRAP_SERVERS, ELASTICSEARCH_URL, POSTGRES_DSN; "
+               "local data under CASESTREAM_DATA_DIR (default ./.casestream).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("services", help="start/stop/show the local Kafka + Elasticsearch (noida-db)",
+                       description="Local Kafka + Elasticsearch for development (noida-db). "
+                                   "PostgreSQL is the machine's own server.")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--kafka-port", type=int, help="default: the port of KAFKA_BOOTSTRAP_SERVERS, else 9092")
+    s.add_argument("--es-port", type=int, help="default: the port of ELASTICSEARCH_URL, else 9200")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the services (default 60)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_services)
+
+    t = sub.add_parser("topics", help="create the tenants' topic families",
+                       description="Create every topic of topics.yaml (and the tables' changelogs) "
+                                   "for one tenant or all; existing topics are left as they are.")
+    t.add_argument("action", choices=["create"])
+    t.add_argument("--tenant", help="one tenant (default: all tenants)")
+    t.add_argument("--timeout", type=float, default=30.0)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_topics)
+
+    w = sub.add_parser("worker", help="run the stream worker of one tenant",
+                       description="Run the Faust worker of one tenant (intake -> domain events).")
+    w.add_argument("--tenant", help="tenant to serve (default: TENANT_NAME, else case-management)")
+    w.add_argument("--instance-id", help="static group membership id; keep it stable across restarts "
+                                         "(default: <tenant>-<hostname>)")
+    w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
+                                                    "(default: CASESTREAM_METRICS_PORT, else off)")
+    w.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    w.set_defaults(func=cmd_worker)
+
+    sn = sub.add_parser("send", help="publish JSON lines to a tenant's intake topic",
+                        description="Publish JSON lines (one intake message per line) to T.intake, keyed by "
+                                    "dedup key; prints each dedup key.")
+    sn.add_argument("file", nargs="?", default="-", help="file of JSON lines, or - for stdin (default)")
+    sn.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    sn.add_argument("--timeout", type=float, default=60.0)
+    sn.set_defaults(func=cmd_send)
+
+    tl = sub.add_parser("tail", help="print a tenant's domain events or dead letters, decoded",
+                        description="Print decoded messages of T.domain-events or T.dlq, one JSON per line.")
+    tl.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    tl.add_argument("--topic", choices=["domain-events", "dlq"], default="domain-events")
+    tl.add_argument("--from-beginning", action="store_true", help="start at the oldest message (default: new only)")
+    tl.add_argument("--max", type=int, help="stop after this many messages")
+    tl.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a message")
+    tl.set_defaults(func=cmd_tail)
+
+    d = sub.add_parser("demo", help="services, topics, a worker per tenant, a demo feed; show the case changes",
+                       description="The quick start: local services up, topics, one worker per tenant, a "
+                                   "realistic alert feed for both tenants, and a table of what happened.")
+    d.add_argument("--follow", action="store_true", help="keep the workers running and print new changes")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+        return args.func(args, settings)
+    except ConfigError as exc:
+        print(f"casestream: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"casestream: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

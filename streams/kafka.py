@@ -1,0 +1,49 @@
+"""Kafka plumbing shared by the CLI and tests: topic creation, clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streams.config import TopicFamily
+
+
+@dataclass
+class TopicResult:
+    name: str
+    role: str
+    partitions: int
+    created: bool
+
+
+async def create_topics(bootstrap: str, families: list[TopicFamily]) -> list[TopicResult]:
+    """Create every topic of the families that does not exist yet (idempotent)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        results: list[TopicResult] = []
+        missing = []
+        for fam in families:
+            for spec in fam.all_topics():
+                created = spec.name not in existing
+                results.append(TopicResult(spec.name, spec.role, spec.partitions, created))
+                if created:
+                    missing.append(NewTopic(spec.name, spec.partitions, spec.replication_factor,
+                                            topic_configs=dict(spec.config)))
+                    existing.add(spec.name)
+        if missing:
+            try:
+                resp = await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                resp = None  # a concurrent creator won; fine
+            for err in getattr(resp, "topic_errors", None) or []:
+                name, code = err[0], err[1]
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    msg = err[2] if len(err) > 2 else ""
+                    raise RuntimeError(f"creating topic {name} failed: Kafka error {code} {msg or ''}".strip())
+        return results
+    finally:
+        await admin.close()

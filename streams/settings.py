@@ -1,0 +1,55 @@
+"""Settings from the environment. Nothing here assumes the local stand-in:
+the same code runs against the real servers of docker-compose.yml."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from streams.config import PROJECT_ROOT
+
+DEFAULT_TENANT = "case-management"
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap_servers: str
+    elasticsearch_url: str
+    postgres_dsn: str
+    data_dir: Path
+    tenants_file: Path
+    topics_file: Path
+    tenant_name: str
+
+    @property
+    def kafka_servers(self) -> list[str]:
+        return [s.strip() for s in self.kafka_bootstrap_servers.split(",") if s.strip()]
+
+    def store_dir(self, tenant: str) -> Path:
+        """RocksDB stores of one tenant's worker (never shared between tenants)."""
+        return self.data_dir / "stores" / tenant
+
+    @property
+    def services_dir(self) -> Path:
+        return self.data_dir / "services"
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    config_dir = Path(env.get("CASESTREAM_CONFIG_DIR", PROJECT_ROOT))
+    return Settings(
+        kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        elasticsearch_url=env.get("ELASTICSEARCH_URL", "http://127.0.0.1:9200"),
+        postgres_dsn=env.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        data_dir=Path(env.get("CASESTREAM_DATA_DIR", "./.casestream")).expanduser().resolve(),
+        tenants_file=Path(env.get("CASESTREAM_TENANTS_FILE", config_dir / "tenants.yaml")),
+        topics_file=Path(env.get("CASESTREAM_TOPICS_FILE", config_dir / "topics.yaml")),
+        tenant_name=env.get("TENANT_NAME") or DEFAULT_TENANT,
+    )
+
+
+def default_instance_id(tenant: str) -> str:
+    """Stable per host and tenant: static group membership across restarts."""
+    return f"{tenant}-{socket.gethostname()}"
