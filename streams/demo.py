@@ -1,0 +1,220 @@
+"""``casestream demo``: the quick start, end to end on the local services.
+
+Starts the local Kafka + Elasticsearch (if not up), creates the topics, runs
+one worker per tenant as a child process, publishes the demo feeds in
+``demo/`` (dedup keys and event ids made unique per run), waits until every
+expected domain event and dead letter has arrived -- the expectation comes
+from running the same feed through the pure domain -- and prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
+from streams.domain import cases as domain
+from streams.domain.intake import Rejection, parse
+from streams.settings import Settings
+
+DEMO_DIR = PROJECT_ROOT / "demo"
+
+
+def personalize(lines: list[bytes], run: str) -> list[bytes]:
+    """Give a feed's dedup keys and event ids a per-run prefix (valid JSON lines only)."""
+    out = []
+    for raw in lines:
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            out.append(raw)
+            continue
+        if isinstance(msg, dict):
+            for k in ("event_id", "dedup_key"):
+                if isinstance(msg.get(k), str):
+                    msg[k] = f"{run}/{msg[k]}"
+            if "event_id" not in msg and isinstance(msg.get("custom_details", {}), dict):
+                # its id derives from its bytes: make them differ per run
+                msg["custom_details"] = dict(msg.get("custom_details") or {}, demo_run=run)
+            raw = orjson.dumps(msg)
+        out.append(raw)
+    return out
+
+
+def expected_outputs(tenant, lines: list[bytes]) -> tuple[int, int]:
+    """(domain events, dead letters) the feed produces, by the pure domain."""
+    keys: dict[str, dict] = {}
+    cases: dict[str, dict] = {}
+    n_events = n_dlq = 0
+    for raw in lines:
+        it = parse(raw, tenant, 0)
+        if isinstance(it, Rejection):
+            n_dlq += 1
+            continue
+        if it.case_id is not None:
+            case = cases.get(it.case_id)
+            ks = keys.get(case["dedup_key"]) if case else None
+        else:
+            ks = keys.get(it.dedup_key)
+            case = cases.get(domain.target_case_id(it, ks) or "")
+        d = domain.decide(tenant, it, ks, case)
+        n_events += len(d.events)
+        n_dlq += d.rejection is not None
+        cases.update(d.cases)
+        if d.key_state is not None:
+            keys[d.key_state["dedup_key"]] = domain.remember(d.key_state, it.event_id, [])
+    return n_events, n_dlq
+
+
+def _describe(e: dict) -> str:
+    t = e["type"]
+    if t == "CaseCreated":
+        return f"{e['status']}: {e.get('summary') or ''} [{e.get('severity') or '-'}]"
+    if t == "AlertDeduplicated":
+        return f"occurrence #{e['occurrence_count']}"
+    if t == "StatusChanged":
+        return f"{e['from_status']} -> {e['to_status']} ({e['reason']})"
+    if t == "Assigned":
+        return f"assignee {((e.get('assignee') or {}).get('name') or (e.get('assignee') or {}).get('id'))}"
+    if t == "CommentAdded":
+        return repr(e["text"][:60])
+    if t == "PriorityChanged":
+        return f"{e.get('from_priority') or '-'} -> {e['to_priority']}"
+    return ""
+
+
+async def _end_offsets(settings: Settings, topics: list[str]) -> dict:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        return await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+
+
+async def _collect(settings: Settings, start: dict, want: int, deadline: float) -> list:
+    """Read the output topics from ``start`` offsets until ``want`` records or the deadline."""
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.cli import decode_record
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    got = []
+    try:
+        consumer.assign(list(start))
+        for tp, off in start.items():
+            consumer.seek(tp, off)
+        while len(got) < want and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for tp, recs in batch.items():
+                kind = "dlq" if tp.topic.endswith(".dlq") else "domain-events"
+                tenant = tp.topic.rsplit(".", 1)[0]
+                got.extend((f"{tenant} {kind}", decode_record(rec, kind)) for rec in recs)
+    finally:
+        await consumer.stop()
+    return got
+
+
+def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) -> int:
+    from streams.cli import CliError, _port_of, print_table, send_lines
+    from streams.kafka import create_topics
+    from streams.services import LocalServices, ServiceError
+
+    say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
+    svc = LocalServices(settings.services_dir,
+                        kafka_port=_port_of(settings.kafka_bootstrap_servers, 9092),
+                        es_port=_port_of(settings.elasticsearch_url, 9200))
+    say(f"1/5 local services (kafka {svc.kafka}, elasticsearch {svc.elasticsearch}) ...")
+    try:
+        svc.up()
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+    tenants = sorted(load_tenants(settings.tenants_file))
+    families = {t: load_topics(t, settings.topics_file) for t in tenants}
+    say("2/5 topics ...")
+    results = asyncio.run(create_topics(settings.kafka_bootstrap_servers, list(families.values())))
+    fresh = {r.name for r in results if r.created}
+    for t, fam in families.items():
+        if fam.name("intake") in fresh and settings.store_dir(t).exists():
+            # Kafka was reset (the local stand-in keeps records in memory):
+            # the local table stores describe a log that no longer exists.
+            shutil.rmtree(settings.store_dir(t))
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    say(f"3/5 one worker per tenant (logs in {logs}) ...")
+    procs = []
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+               CASESTREAM_DATA_DIR=str(settings.data_dir))
+    for i, t in enumerate(tenants):
+        log = open(logs / f"worker-{t}.log", "ab")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--tenant", t, "--metrics-port", str(9464 + i)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT)))
+    try:
+        run = f"demo-{int(time.time())}"
+        want = 0
+        outputs = [families[t].name(r) for t in tenants for r in ("domain-events", "dlq")]
+        start = asyncio.run(_end_offsets(settings, outputs))
+        say(f"4/5 demo feeds (run {run}) ...")
+        for t in tenants:
+            feed = DEMO_DIR / f"{t}.jsonl"
+            if not feed.exists():
+                continue
+            lines = personalize([ln for ln in feed.read_bytes().splitlines() if ln.strip()], run)
+            tenant = get_tenant(t, settings.tenants_file)
+            n_events, n_dlq = expected_outputs(tenant, lines)
+            want += n_events + n_dlq
+            asyncio.run(send_lines(settings.kafka_bootstrap_servers, families[t].name("intake"), lines, tenant))
+            say(f"    {t}: {len(lines)} messages -> expecting {n_events} domain events, {n_dlq} dead letters")
+        say("5/5 waiting for the workers (first start takes ~15 s) ...")
+        got = asyncio.run(_collect(settings, start, want, time.monotonic() + 120))
+        rows = []
+        for where, d in got:
+            tenant, kind = where.split()
+            if kind == "dlq":
+                rows.append({"tenant": tenant, "case": "-", "v": "-", "event": "DLQ:" + d["reason"],
+                             "change": d["detail"][:70]})
+            else:
+                rows.append({"tenant": tenant, "case": d["case_id"], "v": d["version"], "event": d["type"],
+                             "change": _describe(d)})
+        rows.sort(key=lambda r: (r["tenant"], r["case"], str(r["v"]).zfill(4)))
+        if as_json:
+            sys.stdout.write(orjson.dumps([d for _, d in got]).decode() + "\n")
+        else:
+            print_table(rows, ["tenant", "case", "v", "event", "change"])
+        say(f"\n{len(got)} of {want} expected outputs arrived."
+            f" Metrics: http://127.0.0.1:9464/metrics and :9465/metrics while workers run.")
+        if len(got) < want:
+            say(f"Workers were slow or failed; see {logs}.")
+            return 1
+        if follow:
+            say("Workers keep running; Ctrl-C stops them. Watch with: casestream tail --tenant on-call")
+            while all(p.poll() is None for p in procs):
+                time.sleep(1)
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if not follow:
+            say("Workers stopped; services still up ('casestream services down' stops them). "
+                "Run a worker yourself: casestream worker --tenant on-call")
