@@ -17,9 +17,11 @@ state. Crash safety under Faust's at-least-once delivery:
 * outputs are deterministic (ids, versions and case ids derive from the
   intake id), so a redelivered message that was not yet recorded produces
   byte-identical events;
-* a redelivered message that *was* recorded (its id is in the key state) has
-  no second effect: its recorded outputs are re-sent verbatim and the state
-  rewritten, in case the crash lost them after the local store had them.
+* a message whose id is already in the key state has no second effect. When
+  it is Kafka redelivering the very record that applied it (same offset: a
+  crash came before the commit), its recorded outputs are re-sent verbatim
+  and the state rewritten, in case the crash lost them after the local
+  store had them; a message merely sent twice produces nothing.
 Consumers deduplicate by ``event_id`` or ``(case_id, version)``.
 """
 
@@ -131,13 +133,16 @@ def register(topo: Topology) -> None:
             decision = domain.decide(tenant, intake, key_state, case)
 
             if decision.duplicate:
-                # Already applied: no second effect. Re-send what it produced
-                # and rewrite the state, in case a crash lost them downstream.
+                # Already applied: no second effect. If Kafka is redelivering
+                # the very record that applied it (a crash before the commit),
+                # re-send what it produced and rewrite the state, in case the
+                # crash lost them after the local store had them.
                 metrics.DUPLICATES.labels(tname).inc()
-                send_outputs(domain.recorded_outputs(key_state, intake.event_id) or [])
-                topo.keys[key_state["dedup_key"]] = orjson.dumps(key_state)
-                if case is not None:
-                    topo.cases[case["case_id"]] = orjson.dumps(case)
+                if domain.is_redelivery(key_state, intake.event_id, event.message.offset):
+                    send_outputs(domain.recorded_outputs(key_state, intake.event_id) or [])
+                    topo.keys[key_state["dedup_key"]] = orjson.dumps(key_state)
+                    if case is not None:
+                        topo.cases[case["case_id"]] = orjson.dumps(case)
                 continue
 
             outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
@@ -153,7 +158,7 @@ def register(topo: Topology) -> None:
             for case_id, state in decision.cases.items():
                 topo.cases[case_id] = orjson.dumps(state)
             if decision.key_state is not None:
-                ks = domain.remember(decision.key_state, intake.event_id, outputs)
+                ks = domain.remember(decision.key_state, intake.event_id, outputs, event.message.offset)
                 topo.keys[ks["dedup_key"]] = orjson.dumps(ks)
             metrics.APPLY_SECONDS.labels(tname).observe(time.perf_counter() - started)
 

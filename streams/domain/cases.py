@@ -62,18 +62,35 @@ def already_seen(key_state: dict | None, event_id: str) -> bool:
     return key_state is not None and event_id in key_state["seen"]
 
 
-def recorded_outputs(key_state: dict, event_id: str) -> list | None:
-    for eid, outputs in reversed(key_state["recent"]):
-        if eid == event_id:
-            return outputs
+def _recorded(key_state: dict, event_id: str) -> list | None:
+    for entry in reversed(key_state["recent"]):
+        if entry[0] == event_id:
+            return entry
     return None
 
 
-def remember(key_state: dict, event_id: str, outputs: list) -> dict:
-    """Key state with ``event_id`` marked seen and its outputs kept (bounded)."""
+def recorded_outputs(key_state: dict, event_id: str) -> list | None:
+    """The outputs ``event_id`` produced, if still remembered."""
+    entry = _recorded(key_state, event_id)
+    return entry[1] if entry else None
+
+
+def is_redelivery(key_state: dict, event_id: str, offset: int | None) -> bool:
+    """True when ``event_id`` was applied from this very input ``offset``.
+
+    That is Kafka redelivering a message whose processing may not have been
+    committed (a crash): its outputs must be re-sent. The same id arriving at
+    another offset is a message sent twice: it has no effect at all.
+    """
+    entry = _recorded(key_state, event_id)
+    return entry is not None and offset is not None and len(entry) > 2 and entry[2] == offset
+
+
+def remember(key_state: dict, event_id: str, outputs: list, offset: int | None = None) -> dict:
+    """Key state with ``event_id`` marked seen, its outputs and input offset kept (bounded)."""
     ks = dict(key_state)
     ks["seen"] = (key_state["seen"] + [event_id])[-SEEN_LIMIT:]
-    ks["recent"] = (key_state["recent"] + [[event_id, outputs]])[-RECENT_LIMIT:]
+    ks["recent"] = (key_state["recent"] + [[event_id, outputs, offset]])[-RECENT_LIMIT:]
     return ks
 
 

@@ -1,0 +1,222 @@
+"""Integration fixtures: real servers over real sockets.
+
+By default a session fixture starts the local Kafka + Elasticsearch
+(noida-db) on free ports. Set CASESTREAM_TEST_EXTERNAL=1 to run against the
+servers named by KAFKA_BOOTSTRAP_SERVERS / ELASTICSEARCH_URL instead (e.g.
+docker-compose's real Kafka).
+
+Workers run as real subprocesses (``python -m streams.cli worker``); tests
+publish with aiokafka and read the decoded outputs, polling with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+
+import schemas
+from streams.config import PROJECT_ROOT, load_tenants, load_topics
+from streams.kafka import create_topics
+from streams.services import LocalServices, free_port
+
+DEADLINE = float(os.environ.get("CASESTREAM_TEST_DEADLINE", "90"))
+
+
+@dataclass
+class Worker:
+    tenant: str
+    instance_id: str
+    data_dir: Path
+    env: dict
+    log_path: Path
+    metrics_port: int
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Worker":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--tenant", self.tenant,
+             "--instance-id", self.instance_id, "--metrics-port", str(self.metrics_port)],
+            env=dict(self.env, CASESTREAM_DATA_DIR=str(self.data_dir)),
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT), start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit, no flush."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@dataclass
+class Stack:
+    kafka: str
+    elasticsearch: str
+    base_dir: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(KAFKA_BOOTSTRAP_SERVERS=self.kafka, ELASTICSEARCH_URL=self.elasticsearch,
+                   PYTHONPATH=str(PROJECT_ROOT))
+        return env
+
+    def topic(self, tenant: str, role: str) -> str:
+        return load_topics(tenant).name(role)
+
+    def create_topics(self) -> None:
+        fams = [load_topics(t) for t in load_tenants()]
+        asyncio.run(create_topics(self.kafka, fams))
+
+    def worker(self, tenant: str, *, instance_id: str | None = None, data_dir: Path | None = None) -> Worker:
+        iid = instance_id or f"test-{tenant}-{uuid.uuid4().hex[:6]}"
+        ddir = data_dir or (self.base_dir / iid)
+        w = Worker(tenant, iid, ddir, self.env, self.base_dir / f"{iid}.log", free_port())
+        self.workers.append(w)
+        return w.start()
+
+    # -- publishing -----------------------------------------------------------
+
+    def send(self, tenant: str, messages: list, *, key_by_dedup: bool = True) -> None:
+        """Publish intake messages (dicts are JSON-encoded, bytes sent as is)."""
+        asyncio.run(self._send(self.topic(tenant, "intake"), messages, key_by_dedup))
+
+    async def _send(self, topic: str, messages: list, key_by_dedup: bool) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=self.kafka, acks="all",
+                                    max_request_size=2 * 1024 * 1024)
+        await producer.start()
+        try:
+            futs = []
+            for m in messages:
+                raw = m if isinstance(m, bytes) else orjson.dumps(m)
+                key = None
+                if key_by_dedup and isinstance(m, dict):
+                    k = m.get("dedup_key") or m.get("case_id")
+                    key = k.encode() if k else None
+                futs.append(await producer.send(topic, raw, key=key))
+            await asyncio.gather(*futs)
+        finally:
+            await producer.stop()
+
+    # -- reading --------------------------------------------------------------
+
+    def read(self, tenant: str, role: str, match, *, count: int | None = None,
+             until=None, deadline: float = DEADLINE, settle: float = 0.0) -> list[dict]:
+        """Decoded records of T.<role> for which ``match(record)`` is true.
+
+        Polls from the beginning until ``count`` matching records (or
+        ``until(records)`` is true), failing at the deadline. ``settle``:
+        after that, keep reading this many more seconds to catch extras
+        (used to prove that nothing *more* arrives).
+        """
+        return asyncio.run(self._read(self.topic(tenant, role), role, match, count, until, deadline, settle))
+
+    async def _read(self, topic, role, match, count, until, deadline, settle) -> list[dict]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        found: list[dict] = []
+        try:
+            await consumer._client.force_metadata_update()
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = time.monotonic() + deadline
+            settle_end = None
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for recs in batch.values():
+                    for rec in recs:
+                        d = schemas.decode(rec.value) if role == "domain-events" else orjson.loads(rec.value)
+                        d["_partition"], d["_offset"] = rec.partition, rec.offset
+                        d["_headers"] = {k: v.decode() for k, v in (rec.headers or ())}
+                        if match(d):
+                            found.append(d)
+                done = (count is not None and len(found) >= count) or (until is not None and until(found))
+                now = time.monotonic()
+                if done and settle_end is None:
+                    settle_end = now + settle
+                if settle_end is not None and now >= settle_end:
+                    return found
+                if now > end:
+                    raise AssertionError(f"deadline: {len(found)} matching records in {topic}"
+                                         f" (wanted {count if count is not None else 'until()'}): "
+                                         f"{[(r.get('type') or r.get('reason')) for r in found]}")
+        finally:
+            await consumer.stop()
+
+
+def _start_stack(base: Path) -> tuple[Stack, subprocess.Popen | None]:
+    if os.environ.get("CASESTREAM_TEST_EXTERNAL") == "1":
+        stack = Stack(os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["ELASTICSEARCH_URL"], base)
+        stack.create_topics()
+        return stack, None
+    svc = LocalServices(base / "services", kafka_port=free_port(), es_port=free_port())
+    proc = svc.start_foreground(base / "services.log")
+    svc.wait(timeout=60)
+    stack = Stack(svc.kafka, svc.elasticsearch, base)
+    stack.create_topics()
+    return stack, proc
+
+
+def _stop_stack(stack: Stack, proc: subprocess.Popen | None) -> None:
+    for w in stack.workers:
+        w.stop()
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """Local services on free ports, topics, and one worker per tenant."""
+    base = tmp_path_factory.mktemp("stack")
+    s, proc = _start_stack(base)
+    s.oncall = s.worker("on-call")
+    s.cm = s.worker("case-management")
+    yield s
+    _stop_stack(s, proc)
+
+
+@pytest.fixture
+def fresh_stack(tmp_path):
+    """A stack of its own (services + topics, no workers) for tests that kill workers."""
+    s, proc = _start_stack(tmp_path)
+    yield s
+    _stop_stack(s, proc)
+
+
+@pytest.fixture
+def run_id() -> str:
+    return uuid.uuid4().hex[:10]
