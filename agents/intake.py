@@ -6,10 +6,14 @@ by its routing token (a hash of the dedup key, also embedded in case ids) to
 ``T.intake-routed``, so everything about one dedup key and its cases is
 processed by one partition, in order.
 
-``apply_cases`` (stateful) looks up the key and case state in the RocksDB
-tables, asks ``streams.domain.cases.decide`` what to do, sends the domain
+``apply_cases`` (stateful) looks up the dedup key's entry in the RocksDB
+table, asks ``streams.domain.cases.decide`` what to do, sends the domain
 events (Avro, keyed by case id) or the dead letter, and stores the new
-state. Crash safety under Faust's at-least-once delivery:
+entry. Crash safety under Faust's at-least-once delivery:
+
+* everything a decision reads is one table entry (per dedup key), written
+  whole, so lost changelog records can only roll an entry back to an
+  earlier state of its own -- never mix states of two writes;
 
 * outputs and table writes are buffered (``send_soon``); Faust flushes the
   producer before it commits an offset, so a committed offset implies its
@@ -112,11 +116,13 @@ def register(topo: Topology) -> None:
             topo.routed.send_soon(key=rkey.encode(), value=orjson.dumps(envelope))
             metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
 
-    def load(table, key: str | None) -> dict | None:
-        if key is None:
-            return None
-        raw = table.get(key)
+    def get_entry(key: str) -> dict | None:
+        raw = topo.keys.get(key)
         return orjson.loads(raw) if raw is not None else None
+
+    def get_index(case_id: str) -> str | None:
+        raw = topo.case_keys.get(case_id)
+        return raw.decode() if raw is not None else None
 
     @app.agent(topo.routed, name=f"{topo.family.app_id}.apply")
     async def apply_cases(stream):
@@ -124,13 +130,8 @@ def register(topo: Topology) -> None:
             started = time.perf_counter()
             env = orjson.loads(event.value)
             intake = Intake.from_dict(env["intake"])
-            if intake.case_id is not None:
-                case = load(topo.cases, intake.case_id)
-                key_state = load(topo.keys, case["dedup_key"]) if case else None
-            else:
-                key_state = load(topo.keys, intake.dedup_key)
-                case = load(topo.cases, domain.target_case_id(intake, key_state))
-            decision = domain.decide(tenant, intake, key_state, case)
+            entry = domain.lookup(intake, get_entry, get_index)
+            decision = domain.decide(tenant, intake, entry)
 
             if decision.duplicate:
                 # Already applied: no second effect. If Kafka is redelivering
@@ -138,11 +139,13 @@ def register(topo: Topology) -> None:
                 # re-send what it produced and rewrite the state, in case the
                 # crash lost them after the local store had them.
                 metrics.DUPLICATES.labels(tname).inc()
-                if domain.is_redelivery(key_state, intake.event_id, event.message.offset):
-                    send_outputs(domain.recorded_outputs(key_state, intake.event_id) or [])
-                    topo.keys[key_state["dedup_key"]] = orjson.dumps(key_state)
-                    if case is not None:
-                        topo.cases[case["case_id"]] = orjson.dumps(case)
+                if domain.is_redelivery(entry, intake.event_id, event.message.offset):
+                    recorded = domain.recorded_outputs(entry, intake.event_id) or []
+                    send_outputs(recorded)
+                    topo.keys[entry["dedup_key"]] = orjson.dumps(entry)
+                    for kind, _key, value in recorded:
+                        if kind == DOMAIN and value["type"] == "CaseCreated":
+                            topo.case_keys[value["case_id"]] = entry["dedup_key"].encode()
                 continue
 
             outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
@@ -155,11 +158,11 @@ def register(topo: Topology) -> None:
             else:
                 metrics.INTAKE_MESSAGES.labels(tname, "noop" if decision.noop else "applied").inc()
             send_outputs(outputs)
-            for case_id, state in decision.cases.items():
-                topo.cases[case_id] = orjson.dumps(state)
-            if decision.key_state is not None:
-                ks = domain.remember(decision.key_state, intake.event_id, outputs, event.message.offset)
-                topo.keys[ks["dedup_key"]] = orjson.dumps(ks)
+            if decision.entry is not None:
+                new = domain.remember(decision.entry, intake.event_id, outputs, event.message.offset)
+                topo.keys[new["dedup_key"]] = orjson.dumps(new)  # one write: the whole decision state
+                for case_id in decision.created:  # write-once index for commands by case id
+                    topo.case_keys[case_id] = new["dedup_key"].encode()
             metrics.APPLY_SECONDS.labels(tname).observe(time.perf_counter() - started)
 
     topo.agents = {"route": route, "apply": apply_cases}  # type: ignore[attr-defined]

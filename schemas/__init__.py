@@ -19,7 +19,7 @@ import io
 import json
 import struct
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 SCHEMA_DIR = Path(__file__).resolve().parent
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 __all__ = ["encode", "decode", "SchemaError", "registry", "SchemaInfo"]
 
@@ -117,12 +118,15 @@ def decode(raw: bytes) -> dict:
     if writer is None:
         raise SchemaError(f"unknown schema id {sid}; is schemas/index.json up to date?")
     reader = reg.latest[writer.type]
-    rec = schemaless_reader(io.BytesIO(raw[5:]), writer.parsed,
-                            reader.parsed if reader is not writer else None)
+    try:
+        rec = schemaless_reader(io.BytesIO(raw[5:]), writer.parsed,
+                                reader.parsed if reader is not writer else None)
+    except Exception as exc:  # truncated or corrupt body: fastavro raises EOFError, ValueError, ...
+        raise SchemaError(f"cannot decode {writer.type} (schema id {sid}): {exc.__class__.__name__} {exc}") from None
     for f in reader.ts_fields:
         v = rec.get(f)
         if isinstance(v, datetime):
-            rec[f] = int(v.timestamp() * 1000)
+            rec[f] = (v - _EPOCH) // timedelta(milliseconds=1)
     for f in reader.json_fields:
         v = rec.get(f)
         if isinstance(v, str):

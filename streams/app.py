@@ -28,7 +28,7 @@ class Topology:
     domain_events: faust.TopicT
     dlq: faust.TopicT
     keys: faust.Table
-    cases: faust.Table
+    case_keys: faust.Table
 
 
 def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
@@ -70,10 +70,9 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         dlq=_raw_topic(app, family.name("dlq")),
         keys=app.Table("keys", default=None, key_type=bytes, value_type=bytes,
                        options=table_opts,
-                       help="dedup key -> key state (open case, latest case, seen intake ids)"),
-        cases=app.Table("cases", default=None, key_type=bytes, value_type=bytes,
-                        options=table_opts,
-                        help="case id -> current case state"),
+                       help="dedup key -> its cases, open case, seen intake ids and their outputs"),
+        case_keys=app.Table("case_keys", default=None, key_type=bytes, value_type=bytes,
+                            options=table_opts, help="case id -> dedup key (write-once index)"),
     )
     from agents import intake  # agents are thin shells over streams.domain
     intake.register(topo)

@@ -34,12 +34,17 @@ class ConfigError(ValueError):
 class _Node:
     """A YAML value together with the file and line it came from."""
 
-    __slots__ = ("value", "path", "line")
+    __slots__ = ("value", "path", "line", "key_lines")
 
-    def __init__(self, value: Any, path: str, line: int) -> None:
+    def __init__(self, value: Any, path: str, line: int, key_lines: dict[str, int] | None = None) -> None:
         self.value = value
         self.path = path
         self.line = line
+        self.key_lines = key_lines or {}
+
+    def key_error(self, key: str, msg: str) -> ConfigError:
+        """An error about ``key`` of this mapping, at the key's own line."""
+        return ConfigError(f"{self.path}:{self.key_lines.get(key, self.line)}: {msg}")
 
     def where(self) -> str:
         return f"{self.path}:{self.line}"
@@ -52,12 +57,14 @@ def _wrap(node: yaml.Node, path: str) -> _Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, _Node] = {}
+        key_lines: dict[str, int] = {}
         for k, v in node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else yaml.safe_load(yaml.serialize(k))
             if key in out:
                 raise ConfigError(f"{path}:{k.start_mark.line + 1}: duplicate key {key!r}; keep only one")
             out[str(key)] = _wrap(v, path)
-        return _Node(out, path, line)
+            key_lines[str(key)] = k.start_mark.line + 1
+        return _Node(out, path, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
         return _Node([_wrap(v, path) for v in node.value], path, line)
     # scalar: let the safe constructor type it (int, bool, str, null)
@@ -76,8 +83,11 @@ def _load_yaml(path: Path) -> _Node:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        ctx = getattr(exc, "context_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        started = f"; it starts at line {ctx.line + 1}" if ctx and mark and ctx.line != mark.line else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)}{started}); "
+                          f"fix the syntax") from None
     if root is None:
         raise ConfigError(f"{path}:1: file is empty; see README 'Configuration' for its shape")
     return _wrap(root, str(path))
@@ -114,10 +124,10 @@ def _int(node: _Node, what: str, lo: int, hi: int) -> int:
     return v
 
 
-def _no_unknown(m: dict[str, _Node], allowed: set[str], what: str) -> None:
-    for k, v in m.items():
+def _no_unknown(parent: _Node, allowed: set[str], what: str) -> None:
+    for k in parent.value:
         if k not in allowed:
-            raise ConfigError(f"{v.where()}: {what}: unknown key '{k}'; allowed keys are {', '.join(sorted(allowed))}")
+            raise parent.key_error(k, f"{what}: unknown key '{k}'; allowed keys are {', '.join(sorted(allowed))}")
 
 
 # --------------------------------------------------------------------------
@@ -156,7 +166,7 @@ def _parse_tenant(name: str, node: _Node) -> Tenant:
     if not TENANT_NAME_RE.match(name):
         raise node.error(f"{what}: name must be lower-case letters, digits and '-' (it names topics and databases)")
     m = _mapping(node, what)
-    _no_unknown(m, _TENANT_KEYS, what)
+    _no_unknown(node, _TENANT_KEYS, what)
     statuses = _str_list(_req(m, node, "statuses", what), f"{what}: statuses")
     if len(statuses) < 2 or len(set(statuses)) != len(statuses):
         raise m["statuses"].error(f"{what}: statuses must list at least two distinct statuses")
@@ -176,7 +186,7 @@ def _parse_tenant(name: str, node: _Node) -> Tenant:
     transitions: dict[str, frozenset[str]] = {}
     for src, targets in _mapping(tnode, f"{what}: transitions").items():
         if src not in statuses:
-            raise targets.error(f"{what}: transitions from unknown status '{src}'; use one of {known}")
+            raise tnode.key_error(src, f"{what}: transitions from unknown status '{src}'; use one of {known}")
         if targets.value is None:
             targets.value = []
         outs = []
@@ -194,7 +204,7 @@ def _parse_tenant(name: str, node: _Node) -> Tenant:
     actions: dict[str, str] = {}
     for act, target in _mapping(anode, f"{what}: actions").items():
         if act not in ("acknowledge", "resolve"):
-            raise target.error(f"{what}: actions: unknown action '{act}'; only acknowledge and resolve map to statuses")
+            raise anode.key_error(act, f"{what}: actions: unknown action '{act}'; only acknowledge and resolve map to statuses")
         actions[act] = status(target, f"actions.{act}")
     for act in ("acknowledge", "resolve"):
         if act not in actions:
@@ -222,7 +232,7 @@ def load_tenants(path: Path | str | None = None) -> dict[str, Tenant]:
     p = Path(path) if path else PROJECT_ROOT / "tenants.yaml"
     root = _load_yaml(p)
     top = _mapping(root, "tenants file")
-    _no_unknown(top, {"tenants"}, "tenants file")
+    _no_unknown(root, {"tenants"}, "tenants file")
     tnode = _req(top, root, "tenants", "tenants file")
     tenants = {name: _parse_tenant(name, n) for name, n in _mapping(tnode, "tenants").items()}
     if not tenants:
@@ -230,7 +240,7 @@ def load_tenants(path: Path | str | None = None) -> dict[str, Tenant]:
     prefixes: dict[str, str] = {}
     for t in tenants.values():
         if t.case_id_prefix in prefixes:
-            raise tnode.value[t.name].error(
+            raise tnode.value[t.name].key_error("case_id_prefix",
                 f"tenant '{t.name}': case_id_prefix '{t.case_id_prefix}' is already used by '{prefixes[t.case_id_prefix]}'"
             )
         prefixes[t.case_id_prefix] = t.name
@@ -294,7 +304,7 @@ def load_topics(tenant: str, path: Path | str | None = None) -> TopicFamily:
     p = Path(path) if path else PROJECT_ROOT / "topics.yaml"
     root = _load_yaml(p)
     top = _mapping(root, "topics file")
-    _no_unknown(top, {"partitions", "replication_factor", "topics", "tables"}, "topics file")
+    _no_unknown(root, {"partitions", "replication_factor", "topics", "tables"}, "topics file")
     partitions = _int(_req(top, root, "partitions", "topics file"), "partitions", 1, 1024)
     rf = _int(top["replication_factor"], "replication_factor", 1, 16) if "replication_factor" in top else 1
     tnode = _req(top, root, "topics", "topics file")
@@ -302,7 +312,7 @@ def load_topics(tenant: str, path: Path | str | None = None) -> TopicFamily:
     for role, n in _mapping(tnode, "topics").items():
         what = f"topic '{role}'"
         m = _mapping(n, what)
-        _no_unknown(m, {"name", "description", "config", "partitions"}, what)
+        _no_unknown(n, {"name", "description", "config", "partitions"}, what)
         template = _str(_req(m, n, "name", what), f"{what}: name")
         if "{tenant}" not in template:
             raise m["name"].error(f"{what}: name must contain '{{tenant}}' so every tenant gets its own topic")
@@ -319,7 +329,8 @@ def load_topics(tenant: str, path: Path | str | None = None) -> TopicFamily:
             raise tnode.error(f"topics: missing the '{role}' topic; every tenant needs {', '.join(REQUIRED_ROLES)}")
     for role in ("intake-routed",):
         if specs[role].partitions != partitions:
-            raise tnode.value[role].error(f"topic '{role}' must have the table partition count {partitions}")
+            rnode = tnode.value[role]
+            raise rnode.key_error("partitions", f"topic '{role}' must have the table partition count {partitions}")
     tables: tuple[str, ...] = ()
     if "tables" in top:
         tables = tuple(_mapping(top["tables"], "tables").keys())

@@ -51,26 +51,16 @@ def personalize(lines: list[bytes], run: str) -> list[bytes]:
 
 def expected_outputs(tenant, lines: list[bytes]) -> tuple[int, int]:
     """(domain events, dead letters) the feed produces, by the pure domain."""
-    keys: dict[str, dict] = {}
-    cases: dict[str, dict] = {}
+    world = domain.InMemory(tenant)
     n_events = n_dlq = 0
     for raw in lines:
         it = parse(raw, tenant, 0)
         if isinstance(it, Rejection):
             n_dlq += 1
             continue
-        if it.case_id is not None:
-            case = cases.get(it.case_id)
-            ks = keys.get(case["dedup_key"]) if case else None
-        else:
-            ks = keys.get(it.dedup_key)
-            case = cases.get(domain.target_case_id(it, ks) or "")
-        d = domain.decide(tenant, it, ks, case)
+        d = world.handle(it)
         n_events += len(d.events)
         n_dlq += d.rejection is not None
-        cases.update(d.cases)
-        if d.key_state is not None:
-            keys[d.key_state["dedup_key"]] = domain.remember(d.key_state, it.event_id, [])
     return n_events, n_dlq
 
 

@@ -2,96 +2,132 @@
 
 Pure functions over plain dicts (the shapes stored in the Faust tables):
 
-* ``decide(tenant, intake, key_state, case)`` -> :class:`Decision`: which
-  domain events an intake message produces, or why it is rejected, and the
-  new key state. It never mutates its inputs.
-* ``apply(tenant, case, event)`` -> case: the event-sourced fold. A case is a pure
-  function of its domain events, so projections can rebuild it by replay.
+* ``decide(tenant, intake, entry)`` -> :class:`Decision`: the domain events an
+  intake message produces, or why it is rejected, and the key's new entry.
+  It never mutates its inputs.
+* ``apply(tenant, case, event)`` -> case: the event-sourced fold. A case is a
+  pure function of its domain events, so projections can rebuild it by replay.
 
-Key state (one per dedup key) remembers the open case, the latest case, how
-many cases the key has had, and the ids of the intake messages it has seen
-together with what they produced, so a redelivered message has no second
-effect and its outputs can be re-sent verbatim (see agents/intake.py).
+**One entry per dedup key holds everything a decision reads**: the key's
+cases (their decision-relevant fields), which one is open, how many the key
+has had, and the ids of the intake messages it has seen with what they
+produced. A decision reads one entry and writes one entry, so a crash that
+loses some table writes can never leave the inputs of a later decision
+inconsistent with each other (see agents/intake.py for the crash analysis).
+A separate, write-once index maps case ids to dedup keys for commands that
+name a case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from streams.config import Tenant
 from streams.domain.intake import (
     INVALID_TRANSITION, NO_OPEN_CASE, UNKNOWN_CASE, Intake, Rejection, derive_id, make_case_id,
 )
 
-SEEN_LIMIT = 1024     # intake ids remembered per dedup key
-RECENT_LIMIT = 64     # of those, how many keep their outputs for re-sending
+SEEN_LIMIT = 1024       # intake ids remembered per dedup key
+RECENT_LIMIT = 64       # of those, how many keep their outputs for re-sending
+MAX_CASES_PER_KEY = 50  # cases of a key kept in stream state (oldest closed ones go first)
 
 EVENT_TYPES = ("CaseCreated", "AlertDeduplicated", "StatusChanged", "Assigned", "CommentAdded", "PriorityChanged")
 
 CASE_FIELDS = ("summary", "source", "severity", "component", "group", "class", "custom_details",
                "links", "project", "priority", "tags", "urgency")
 
+# What stream state keeps of a case: what decisions need, never payloads
+# (custom_details can be 512 KiB). The full case is the projections' job.
+STATE_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity",
+                "priority", "urgency", "source", "project", "created_at", "last_seen_at",
+                "status_changed_at", "acknowledged_at", "resolved_at", "occurrence_count",
+                "assignee", "comment_count", "version", "updated_at")
+
 
 @dataclass
 class Decision:
     events: list[dict] = field(default_factory=list)
     rejection: Rejection | None = None
-    key_state: dict | None = None      # new key state (None: nothing to store)
-    cases: dict[str, dict] = field(default_factory=dict)  # case id -> new case state
+    entry: dict | None = None          # the key's new entry (None: nothing to store)
+    created: list[str] = field(default_factory=list)  # case ids created (index writes)
     duplicate: bool = False            # intake id already applied
     noop: bool = False                 # valid, but changes nothing (e.g. ack of an acked page)
 
+    @property
+    def cases(self) -> dict[str, dict]:
+        """The cases this decision changed, as stored (case id -> state)."""
+        if self.entry is None:
+            return {}
+        ids = {e["case_id"] for e in self.events}
+        return {cid: c for cid, c in self.entry["cases"].items() if cid in ids}
 
-def new_key_state(dedup_key: str) -> dict:
+
+def new_entry(dedup_key: str) -> dict:
     return {"dedup_key": dedup_key, "seq": 0, "open_case_id": None, "last_case_id": None,
-            "seen": [], "recent": []}
+            "cases": {}, "seen": [], "recent": []}
 
 
-def target_case_id(intake: Intake, key_state: dict | None) -> str | None:
-    """Which case an intake message is about, before looking at the case."""
+def compact(case: dict) -> dict:
+    return {f: case.get(f) for f in STATE_FIELDS}
+
+
+def lookup(intake: Intake, get_entry: Callable[[str], dict | None],
+           get_index: Callable[[str], str | None]) -> dict | None:
+    """The entry an intake message is decided against (None: key never seen)."""
     if intake.case_id is not None:
-        return intake.case_id
-    if key_state is None:
+        dedup_key = get_index(intake.case_id)
+        return get_entry(dedup_key) if dedup_key is not None else None
+    return get_entry(intake.dedup_key)
+
+
+def target_case(intake: Intake, entry: dict | None) -> dict | None:
+    """The case an intake message is about (None: no such case)."""
+    if entry is None:
         return None
-    if intake.kind == "alert":
-        return key_state["open_case_id"]
-    return key_state["open_case_id"] or key_state["last_case_id"]
+    if intake.case_id is not None:
+        cid = intake.case_id
+    elif intake.kind == "alert":
+        cid = entry["open_case_id"]
+    else:
+        cid = entry["open_case_id"] or entry["last_case_id"]
+    return entry["cases"].get(cid) if cid else None
 
 
-def already_seen(key_state: dict | None, event_id: str) -> bool:
-    return key_state is not None and event_id in key_state["seen"]
+def already_seen(entry: dict | None, event_id: str) -> bool:
+    return entry is not None and event_id in entry["seen"]
 
 
-def _recorded(key_state: dict, event_id: str) -> list | None:
-    for entry in reversed(key_state["recent"]):
-        if entry[0] == event_id:
-            return entry
+def _recorded(entry: dict, event_id: str) -> list | None:
+    for item in reversed(entry["recent"]):
+        if item[0] == event_id:
+            return item
     return None
 
 
-def recorded_outputs(key_state: dict, event_id: str) -> list | None:
+def recorded_outputs(entry: dict, event_id: str) -> list | None:
     """The outputs ``event_id`` produced, if still remembered."""
-    entry = _recorded(key_state, event_id)
-    return entry[1] if entry else None
+    item = _recorded(entry, event_id)
+    return item[1] if item else None
 
 
-def is_redelivery(key_state: dict, event_id: str, offset: int | None) -> bool:
+def is_redelivery(entry: dict, event_id: str, offset: int | None) -> bool:
     """True when ``event_id`` was applied from this very input ``offset``.
 
-    That is Kafka redelivering a message whose processing may not have been
+    That is Kafka redelivering a record whose processing may not have been
     committed (a crash): its outputs must be re-sent. The same id arriving at
     another offset is a message sent twice: it has no effect at all.
     """
-    entry = _recorded(key_state, event_id)
-    return entry is not None and offset is not None and len(entry) > 2 and entry[2] == offset
+    item = _recorded(entry, event_id)
+    return item is not None and offset is not None and len(item) > 2 and item[2] == offset
 
 
-def remember(key_state: dict, event_id: str, outputs: list, offset: int | None = None) -> dict:
-    """Key state with ``event_id`` marked seen, its outputs and input offset kept (bounded)."""
-    ks = dict(key_state)
-    ks["seen"] = (key_state["seen"] + [event_id])[-SEEN_LIMIT:]
-    ks["recent"] = (key_state["recent"] + [[event_id, outputs, offset]])[-RECENT_LIMIT:]
-    return ks
+def remember(entry: dict, event_id: str, outputs: list, offset: int | None = None) -> dict:
+    """The entry with ``event_id`` marked seen, its outputs and input offset kept (bounded)."""
+    e = dict(entry)
+    e["seen"] = (entry["seen"] + [event_id])[-SEEN_LIMIT:]
+    e["recent"] = (entry["recent"] + [[event_id, outputs, offset]])[-RECENT_LIMIT:]
+    return e
 
 
 # --------------------------------------------------------------------------
@@ -100,20 +136,24 @@ def remember(key_state: dict, event_id: str, outputs: list, offset: int | None =
 
 
 class _Builder:
-    def __init__(self, tenant: Tenant, intake: Intake, case: dict | None):
+    """Emits events for one case of one entry, folding them as it goes."""
+
+    def __init__(self, tenant: Tenant, intake: Intake, entry: dict, case: dict | None):
         self.tenant = tenant
         self.intake = intake
+        self.entry = dict(entry, cases=dict(entry["cases"]))
         self.case = case
         self.events: list[dict] = []
 
-    def emit(self, etype: str, case_id: str, dedup_key: str, **payload) -> None:
+    def emit(self, etype: str, case_id: str, **payload) -> None:
         version = (self.case["version"] if self.case else 0) + 1
         event = {
-            "event_id": derive_id("domain", self.intake.event_id, str(len(self.events))),
+            # unique per tenant, case and version; the same input always gives the same id
+            "event_id": derive_id("domain", self.tenant.name, case_id, str(version), self.intake.event_id),
             "type": etype,
             "tenant": self.tenant.name,
             "case_id": case_id,
-            "dedup_key": dedup_key,
+            "dedup_key": self.entry["dedup_key"],
             "version": version,
             "occurred_at": self.intake.timestamp,
             "caused_by": self.intake.event_id,
@@ -121,105 +161,125 @@ class _Builder:
             **payload,
         }
         self.events.append(event)
-        self.case = apply(self.tenant, self.case, event)
+        self.case = compact(apply(self.tenant, self.case, event))
+        self.entry["cases"][case_id] = self.case
+
+    def decision(self, **kw) -> Decision:
+        return Decision(events=self.events, entry=self.entry, **kw)
 
 
-def decide(tenant: Tenant, intake: Intake, key_state: dict | None, case: dict | None) -> Decision:
-    """What ``intake`` does, given the key's state and the target case.
+def decide(tenant: Tenant, intake: Intake, entry: dict | None) -> Decision:
+    """What ``intake`` does to the key whose entry is ``entry``.
 
-    ``case`` is the state of ``target_case_id(intake, key_state)`` (None if
-    there is no such case); for a command by case id, ``key_state`` is the
-    state of that case's dedup key.
+    ``entry`` comes from :func:`lookup`; None means the key (or the case id
+    of a command) is unknown.
     """
-    if already_seen(key_state, intake.event_id):
+    if already_seen(entry, intake.event_id):
         return Decision(duplicate=True)
     if intake.kind == "alert":
-        return _decide_alert(tenant, intake, key_state, case)
-    return _decide_command(tenant, intake, key_state, case)
+        return _decide_alert(tenant, intake, entry)
+    return _decide_command(tenant, intake, entry)
 
 
-def _with_key(d: Decision, key_state: dict | None, builder: _Builder | None = None) -> Decision:
-    d.key_state = key_state
-    if builder is not None and builder.events:
-        d.events = builder.events
-        d.cases = {builder.case["case_id"]: builder.case}
-    return d
+def _reject(reason: str, detail: str, entry: dict | None) -> Decision:
+    # An existing entry is returned so that the rejection is remembered too:
+    # a redelivery then re-sends the same dead letter instead of re-deciding.
+    return Decision(rejection=Rejection(reason, detail), entry=entry)
 
 
-def _decide_alert(tenant: Tenant, intake: Intake, key_state: dict | None, case: dict | None) -> Decision:
-    ks = dict(key_state) if key_state else new_key_state(intake.dedup_key)
+def _seq_of(case: dict) -> int:
+    """Creation order of a case within its key (the case id's last part)."""
+    return int(case["case_id"].rsplit("-", 1)[1])
+
+
+def _evict(entry: dict) -> None:
+    """Keep at most MAX_CASES_PER_KEY cases: drop the oldest that are not open."""
+    cases = entry["cases"]
+    while len(cases) > MAX_CASES_PER_KEY:
+        oldest = min((c for cid, c in cases.items() if cid not in (entry["open_case_id"], entry["last_case_id"])),
+                     key=_seq_of, default=None)
+        if oldest is None:
+            return
+        del cases[oldest["case_id"]]
+
+
+def _decide_alert(tenant: Tenant, intake: Intake, entry: dict | None) -> Decision:
+    entry = entry or new_entry(intake.dedup_key)
+    case = target_case(intake, entry)
     is_open = case is not None and tenant.is_open(case["status"])
-    b = _Builder(tenant, intake, case if is_open else None)
+    b = _Builder(tenant, intake, entry, case if is_open else None)
     if intake.op == "trigger":
         if is_open:
-            b.emit("AlertDeduplicated", case["case_id"], case["dedup_key"],
+            b.emit("AlertDeduplicated", case["case_id"],
                    occurrence_count=case["occurrence_count"] + 1,
                    last_seen_at=max(case["last_seen_at"], intake.timestamp),
                    summary=intake.fields["summary"], severity=intake.fields["severity"])
-            return _with_key(Decision(), ks, b)
-        seq = ks["seq"] + 1
+            return b.decision()
+        seq = entry["seq"] + 1
         case_id = make_case_id(tenant, intake.dedup_key, seq)
-        b.emit("CaseCreated", case_id, intake.dedup_key, status=tenant.default_status,
+        b.emit("CaseCreated", case_id, status=tenant.default_status,
                case_type=tenant.case_type, work_type=tenant.work_type,
                **{f: intake.fields[f] for f in CASE_FIELDS})
-        ks.update(seq=seq, open_case_id=case_id, last_case_id=case_id)
-        return _with_key(Decision(), ks, b)
+        b.entry.update(seq=seq, open_case_id=case_id, last_case_id=case_id)
+        _evict(b.entry)
+        return b.decision(created=[case_id])
     # acknowledge / resolve
+    known = entry if entry["seq"] else None  # a brand-new entry is not stored for a rejection
     if not is_open:
-        return Decision(rejection=Rejection(
-            NO_OPEN_CASE, f"{intake.op} for dedup key {intake.dedup_key!r}, which has no open case"))
+        return _reject(NO_OPEN_CASE, f"{intake.op} for dedup key {intake.dedup_key!r}, which has no open case", known)
     target = tenant.actions[intake.op]
     if case["status"] == target:
-        return _with_key(Decision(noop=True), ks)
+        return Decision(noop=True, entry=entry)
     if not tenant.allows(case["status"], target):
-        return Decision(rejection=Rejection(
-            INVALID_TRANSITION, f"{intake.op}: {tenant.name} does not allow {case['status']} -> {target} "
-                                f"(case {case['case_id']})"), key_state=ks)
-    b.emit("StatusChanged", case["case_id"], case["dedup_key"], from_status=case["status"],
-           to_status=target, reason=f"alert_{intake.op}")
+        return _reject(INVALID_TRANSITION, f"{intake.op}: {tenant.name} does not allow {case['status']} -> "
+                                           f"{target} (case {case['case_id']})", entry)
+    b.emit("StatusChanged", case["case_id"], from_status=case["status"], to_status=target,
+           reason=f"alert_{intake.op}")
     if target == tenant.final_status:
-        ks["open_case_id"] = None
-    return _with_key(Decision(), ks, b)
+        b.entry["open_case_id"] = None
+    return b.decision()
 
 
-def _decide_command(tenant: Tenant, intake: Intake, key_state: dict | None, case: dict | None) -> Decision:
-    if case is None or key_state is None:
+def _decide_command(tenant: Tenant, intake: Intake, entry: dict | None) -> Decision:
+    case = target_case(intake, entry)
+    if case is None:
         who = f"case {intake.case_id!r}" if intake.case_id else f"dedup key {intake.dedup_key!r}"
-        return Decision(rejection=Rejection(UNKNOWN_CASE, f"{intake.op}: no {who} in tenant {tenant.name}"))
-    ks = dict(key_state)
-    b = _Builder(tenant, intake, case)
-    cid, dkey = case["case_id"], case["dedup_key"]
+        detail = f"{intake.op}: no {who} in tenant {tenant.name}"
+        if entry is not None and intake.case_id:
+            detail += f" (stream state keeps the last {MAX_CASES_PER_KEY} cases of a dedup key)"
+        return _reject(UNKNOWN_CASE, detail, entry)
+    b = _Builder(tenant, intake, entry, case)
+    cid = case["case_id"]
     f = intake.fields
     if intake.op == "set_status":
         target = f["status"]
         if case["status"] == target:
-            return _with_key(Decision(noop=True), ks)
+            return Decision(noop=True, entry=entry)
         if not tenant.allows(case["status"], target):
-            return Decision(rejection=Rejection(
-                INVALID_TRANSITION, f"set_status: {tenant.name} does not allow {case['status']} -> {target} "
-                                    f"(case {cid})"), key_state=ks)
+            return _reject(INVALID_TRANSITION, f"set_status: {tenant.name} does not allow {case['status']} -> "
+                                               f"{target} (case {cid})", entry)
         reopening = case["status"] == tenant.final_status
-        if reopening and ks["open_case_id"] not in (None, cid):
-            return Decision(rejection=Rejection(
-                INVALID_TRANSITION, f"set_status: cannot reopen {cid}: dedup key {dkey!r} already has "
-                                    f"open case {ks['open_case_id']} (one open case per key)"), key_state=ks)
-        b.emit("StatusChanged", cid, dkey, from_status=case["status"], to_status=target, reason="command")
-        if target == tenant.final_status and ks["open_case_id"] == cid:
-            ks["open_case_id"] = None
+        if reopening and entry["open_case_id"] not in (None, cid):
+            return _reject(INVALID_TRANSITION, f"set_status: cannot reopen {cid}: dedup key "
+                                               f"{entry['dedup_key']!r} already has open case "
+                                               f"{entry['open_case_id']} (one open case per key)", entry)
+        b.emit("StatusChanged", cid, from_status=case["status"], to_status=target, reason="command")
+        if target == tenant.final_status and entry["open_case_id"] == cid:
+            b.entry["open_case_id"] = None
         elif reopening:
-            ks["open_case_id"] = cid
+            b.entry["open_case_id"] = cid
     elif intake.op == "assign":
         before = case.get("assignee")
         if (before or {}).get("id") == (f["assignee"] or {}).get("id"):
-            return _with_key(Decision(noop=True), ks)
-        b.emit("Assigned", cid, dkey, assignee=f["assignee"], previous_assignee=before)
+            return Decision(noop=True, entry=entry)
+        b.emit("Assigned", cid, assignee=f["assignee"], previous_assignee=before)
     elif intake.op == "comment":
-        b.emit("CommentAdded", cid, dkey, text=f["text"])
+        b.emit("CommentAdded", cid, text=f["text"])
     elif intake.op == "set_priority":
         if case.get("priority") == f["priority"]:
-            return _with_key(Decision(noop=True), ks)
-        b.emit("PriorityChanged", cid, dkey, from_priority=case.get("priority"), to_priority=f["priority"])
-    return _with_key(Decision(), ks, b)
+            return Decision(noop=True, entry=entry)
+        b.emit("PriorityChanged", cid, from_priority=case.get("priority"), to_priority=f["priority"])
+    return b.decision()
 
 
 # --------------------------------------------------------------------------
@@ -237,7 +297,7 @@ def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
         new = {
             "case_id": event["case_id"], "tenant": event["tenant"], "dedup_key": event["dedup_key"],
             "status": event["status"], "case_type": event["case_type"], "work_type": event["work_type"],
-            **{f: event[f] for f in CASE_FIELDS},
+            **{f: event.get(f) for f in CASE_FIELDS},
             "created_at": at, "last_seen_at": at, "status_changed_at": at,
             "acknowledged_at": None, "resolved_at": None,
             "occurrence_count": 1, "assignee": None, "comment_count": 0,
@@ -280,3 +340,28 @@ def replay(tenant: Tenant, events: list[dict]) -> dict | None:
     for e in events:
         case = apply(tenant, case, e)
     return case
+
+
+# --------------------------------------------------------------------------
+# an in-memory run of the whole stateful stage (demo, tests, benchmarks)
+# --------------------------------------------------------------------------
+
+
+class InMemory:
+    """The apply stage over dicts: what ``agents.intake`` does over tables."""
+
+    def __init__(self, tenant: Tenant):
+        self.tenant = tenant
+        self.entries: dict[str, dict] = {}
+        self.index: dict[str, str] = {}
+
+    def handle(self, intake: Intake, offset: int | None = None) -> Decision:
+        entry = lookup(intake, self.entries.get, self.index.get)
+        d = decide(self.tenant, intake, entry)
+        if d.duplicate:
+            return d
+        for cid in d.created:
+            self.index[cid] = d.entry["dedup_key"]
+        if d.entry is not None:
+            self.entries[d.entry["dedup_key"]] = remember(d.entry, intake.event_id, [], offset)
+        return d

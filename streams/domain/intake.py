@@ -12,9 +12,10 @@ the Kafka record timestamp, so a redelivered message normalizes identically
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -91,15 +92,19 @@ def derive_id(*parts: str | bytes) -> str:
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
+    """True when objects/arrays nest at most ``limit`` deep (scalars add no depth)."""
     stack = [(value, 1)]
     while stack:
         v, d = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
         if d > limit:
             return False
-        if isinstance(v, dict):
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, d + 1) for x in v)
+        stack.extend((x, d + 1) for x in children if isinstance(x, (dict, list)))
     return True
 
 
@@ -141,7 +146,15 @@ def _timestamp(msg: dict, default_ms: int) -> int:
         raise _Invalid(f"'timestamp' is not RFC 3339: {v!r}") from None
     if dt.tzinfo is None:
         raise _Invalid(f"'timestamp' needs a time zone offset (Z or +hh:mm): {v!r}")
-    return int(dt.timestamp() * 1000)
+    return epoch_ms(dt)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def epoch_ms(dt: datetime) -> int:
+    """Exact epoch milliseconds of an aware datetime (no float rounding)."""
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _person(v: Any, key: str) -> dict:
@@ -240,6 +253,9 @@ def _parse_command(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> I
     event_id = _event_id(msg, raw)
     case_id = _opt_str(msg, "case_id")
     dedup_key = _opt_str(msg, "dedup_key", MAX_DEDUP_KEY)
+    for name, v in (("case_id", case_id), ("dedup_key", dedup_key)):
+        if v is not None and not v.strip():
+            raise _Invalid(f"'{name}' must not be empty")
     if case_id is None and dedup_key is None:
         raise _Invalid("a command needs 'case_id' or 'dedup_key'")
     if case_id is not None and dedup_key is not None:
@@ -311,12 +327,11 @@ def make_case_id(tenant: Tenant, dedup_key: str, seq: int) -> str:
     return f"{tenant.case_id_prefix}-{routing_token(dedup_key)}-{seq}"
 
 
+_CASE_ID_RE = re.compile(r"([A-Z]{1,8})-([0-9a-f]{20})-([1-9][0-9]{0,9})", re.ASCII)
+
+
 def token_from_case_id(case_id: str, tenant: Tenant) -> str | None:
-    parts = case_id.split("-")
-    if len(parts) != 3 or parts[0] != tenant.case_id_prefix or len(parts[1]) != 20 or not parts[2].isdigit():
+    m = _CASE_ID_RE.fullmatch(case_id)
+    if m is None or m.group(1) != tenant.case_id_prefix:
         return None
-    try:
-        int(parts[1], 16)
-    except ValueError:
-        return None
-    return parts[1]
+    return m.group(2)

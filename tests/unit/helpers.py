@@ -1,6 +1,6 @@
 """Small builders for unit tests: intake messages (dict -> orjson bytes ->
-``parse``) and an in-memory stand-in for the keys/cases tables that drives
-``streams.domain.cases.decide`` the way ``agents/intake.py`` does.
+``parse``) and ``World``, a convenience wrapper over
+``streams.domain.cases.InMemory`` (the stateful stage over dicts).
 """
 
 from __future__ import annotations
@@ -71,40 +71,46 @@ def set_status(status: str, **kw) -> dict:
 
 
 class World:
-    """The keys and cases tables of one tenant, kept in dicts.
+    """A thin test wrapper over :class:`streams.domain.cases.InMemory`.
 
-    ``send`` does what ``apply_cases`` does for one routed message: look up
-    the key and case state, ``decide``, store the new state and ``remember``
-    the outputs. State goes through orjson like the RocksDB tables.
-    Messages without an ``event_id`` get a fresh one (``e1``, ``e2``, ...)
-    and, without a ``timestamp``, a received time one second after the last.
+    ``InMemory.handle`` runs the stateful stage (lookup, decide, index and
+    entry writes, remember) exactly like ``agents/intake.py``; this wrapper
+    only adds conveniences: messages without an ``event_id`` get a fresh one
+    (``e1``, ``e2``, ...) and, without a ``timestamp``, a received time one
+    second after the last; the domain events are kept in order; and the
+    stored state is read back through orjson, like the RocksDB tables.
     """
 
     def __init__(self, tenant: Tenant, prefix: str = "e"):
         self.tenant = tenant
         self.prefix = prefix
-        self.keys: dict[str, bytes] = {}
-        self.cases: dict[str, bytes] = {}
+        self.mem = domain.InMemory(tenant)
         self.events: list[dict] = []
         self.n = 0
 
+    @property
+    def entries(self) -> dict[str, dict]:
+        return self.mem.entries
+
+    @property
+    def index(self) -> dict[str, str]:
+        return self.mem.index
+
     def key(self, dedup_key: str) -> dict | None:
-        v = self.keys.get(dedup_key)
-        return orjson.loads(v) if v is not None else None
+        """The stored entry of ``dedup_key`` (a JSON round-tripped copy)."""
+        v = self.mem.entries.get(dedup_key)
+        return orjson.loads(orjson.dumps(v)) if v is not None else None
 
     def case(self, case_id: str) -> dict | None:
-        v = self.cases.get(case_id)
-        return orjson.loads(v) if v is not None else None
+        """The stored (compact) state of ``case_id``, found through the index."""
+        dedup_key = self.mem.index.get(case_id)
+        entry = self.key(dedup_key) if dedup_key is not None else None
+        return entry["cases"].get(case_id) if entry else None
 
-    def lookup(self, it: Intake) -> tuple[dict | None, dict | None]:
-        if it.case_id is not None:
-            case = self.case(it.case_id)
-            ks = self.key(case["dedup_key"]) if case else None
-        else:
-            ks = self.key(it.dedup_key)
-            cid = domain.target_case_id(it, ks)
-            case = self.case(cid) if cid else None
-        return ks, case
+    @property
+    def cases(self) -> dict[str, dict]:
+        """Every case kept in stream state, all keys together."""
+        return {cid: c for e in self.mem.entries.values() for cid, c in e["cases"].items()}
 
     def to_intake(self, msg) -> Intake:
         if isinstance(msg, Intake):
@@ -114,21 +120,9 @@ class World:
         msg.setdefault("event_id", f"{self.prefix}{self.n}")
         return intake(self.tenant, msg, T0 + self.n * 1000)
 
-    def send(self, msg) -> domain.Decision:
-        it = self.to_intake(msg)
-        ks, case = self.lookup(it)
-        d = domain.decide(self.tenant, it, ks, case)
-        if d.duplicate:
-            return d
+    def send(self, msg, offset: int | None = None) -> domain.Decision:
+        d = self.mem.handle(self.to_intake(msg), offset)
         self.events.extend(d.events)
-        for cid, state in d.cases.items():
-            self.cases[cid] = orjson.dumps(state)
-        outputs = [["domain-events", e["case_id"], e] for e in d.events]
-        if d.rejection is not None:
-            outputs.append(["dlq", it.dedup_key or it.case_id, {"reason": d.rejection.reason}])
-        if d.key_state is not None:
-            ks2 = domain.remember(d.key_state, it.event_id, outputs)
-            self.keys[ks2["dedup_key"]] = orjson.dumps(ks2)
         return d
 
     def open_case(self, key: str = "k1", **kw) -> str:
