@@ -76,4 +76,5 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
     )
     from agents import intake  # agents are thin shells over streams.domain
     intake.register(topo)
+    intake.register_health(topo, settings.kafka_bootstrap_servers, stall_seconds=settings.stall_seconds)
     return topo

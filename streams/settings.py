@@ -22,6 +22,7 @@ class Settings:
     tenants_file: Path
     topics_file: Path
     tenant_name: str
+    stall_seconds: float = 60.0
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -47,6 +48,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         tenants_file=Path(env.get("CASESTREAM_TENANTS_FILE", config_dir / "tenants.yaml")),
         topics_file=Path(env.get("CASESTREAM_TOPICS_FILE", config_dir / "topics.yaml")),
         tenant_name=env.get("TENANT_NAME") or DEFAULT_TENANT,
+        stall_seconds=float(env.get("CASESTREAM_STALL_SECONDS", "60")),
     )
 
 

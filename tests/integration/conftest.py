@@ -41,6 +41,7 @@ class Worker:
     log_path: Path
     metrics_port: int
     proc: subprocess.Popen | None = None
+    restarts: int = 0
 
     def start(self) -> "Worker":
         log = open(self.log_path, "ab")
@@ -65,6 +66,16 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def restart_if_stalled(self) -> bool:
+        """What a supervisor does: restart a worker that exited on a detected stall."""
+        from agents.intake import STALL_EXIT_CODE
+
+        if self.proc is not None and self.proc.poll() == STALL_EXIT_CODE:
+            self.restarts += 1
+            self.start()
+            return True
+        return False
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -83,7 +94,7 @@ class Stack:
     def env(self) -> dict:
         env = dict(os.environ)
         env.update(KAFKA_BOOTSTRAP_SERVERS=self.kafka, ELASTICSEARCH_URL=self.elasticsearch,
-                   PYTHONPATH=str(PROJECT_ROOT))
+                   PYTHONPATH=str(PROJECT_ROOT), CASESTREAM_STALL_SECONDS="15")
         return env
 
     def topic(self, tenant: str, role: str) -> str:
@@ -152,6 +163,8 @@ class Stack:
             end = time.monotonic() + deadline
             settle_end = None
             while True:
+                for w in self.workers:
+                    w.restart_if_stalled()
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for recs in batch.values():
                     for rec in recs:
