@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import urllib.request
 
 import orjson
@@ -97,7 +98,16 @@ def test_case_commands(stack, run_id):
 
 
 def _metric(port: int, name: str, **labels) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    """A counter's value from a worker's /metrics (polls until the server answers)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # polling a starting worker, with a deadline
     for line in body.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
@@ -153,8 +163,12 @@ def test_bad_input_dead_letters_and_the_partition_keeps_flowing(stack, run_id):
     reasons = sorted(r["reason"] for r in dlq if r.get("original_encoding") != "base64")
     assert reasons == sorted(["invalid_json", "too_large", "invalid_json", "invalid_event", "invalid_event",
                               "invalid_event", "invalid_event", "no_open_case", "unknown_case", "unknown_case"])
+    from fastavro import parse_schema
+    from fastavro.validation import validate
+
+    dlq_schema = parse_schema(orjson.loads((PROJECT_ROOT / "schemas/json/DeadLetter.avsc").read_bytes()))
     for r in dlq:
-        assert set(r) >= {"reason", "detail", "source", "original"}
+        assert validate({k: v for k, v in r.items() if not k.startswith("_")}, dlq_schema, raise_errors=True)
         assert r["source"]["topic"] == stack.topic(tenant, "intake")
         assert isinstance(r["source"]["offset"], int) and r["detail"]
     details = " ".join(r["detail"] for r in dlq)

@@ -1,0 +1,147 @@
+"""Intake throughput: the pure domain in-process, and the whole worker end to end.
+
+    .venv/bin/python bench/intake_bench.py [--messages 20000] [--keys 2000]
+
+1. domain: parse + decide + remember per message, no I/O (one core).
+2. end to end: local Kafka (noida-db) on free ports, topics, one on-call
+   worker subprocess; N intake messages are published up front, and the
+   clock runs from the first publish until the last expected domain event
+   has been read back (route -> apply -> Avro out, changelog writes included).
+Figures go to bench/RESULTS.md by hand, with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streams.config import get_tenant, load_tenants, load_topics  # noqa: E402
+from streams.domain import cases as domain  # noqa: E402
+from streams.domain.intake import parse  # noqa: E402
+
+
+def feed(n: int, keys: int) -> list[bytes]:
+    """Realistic mix: mostly triggers on a key space (dedup), some acks and resolves."""
+    out = []
+    for i in range(n):
+        k = f"svc-{i % keys}"
+        phase = (i // keys) % 10
+        if phase == 8:
+            msg = {"event_id": f"b{i}", "action": "acknowledge", "dedup_key": k}
+        elif phase == 9:
+            msg = {"event_id": f"b{i}", "action": "resolve", "dedup_key": k}
+        else:
+            msg = {"event_id": f"b{i}", "action": "trigger", "dedup_key": k, "summary": f"{k} is failing",
+                   "severity": "error", "source": "bench", "custom_details": {"i": i, "host": f"h{i % 97}"},
+                   "tags": ["bench", "env:prod"]}
+        out.append(orjson.dumps(msg))
+    return out
+
+
+def bench_domain(lines: list[bytes]) -> tuple[float, int]:
+    tenant = get_tenant("on-call")
+    world = domain.InMemory(tenant)
+    t0 = time.perf_counter()
+    events = 0
+    for offset, raw in enumerate(lines):
+        events += len(world.handle(parse(raw, tenant, 0), offset).events)
+    return len(lines) / (time.perf_counter() - t0), events
+
+
+async def _produce(bootstrap: str, topic: str, lines: list[bytes]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await p.start()
+    try:
+        futs = [await p.send(topic, raw, key=orjson.loads(raw)["dedup_key"].encode()) for raw in lines]
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+
+
+async def _count(bootstrap: str, topic: str, want: int, deadline: float) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        await c._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        while time.monotonic() < deadline:
+            ends = await c.end_offsets(tps)
+            total = sum(ends.values())
+            if total >= want:
+                return total
+            await asyncio.sleep(0.05)
+        return total
+    finally:
+        await c.stop()
+
+
+def bench_end_to_end(lines: list[bytes], expected_events: int) -> dict:
+    from streams.kafka import create_topics
+    from streams.services import LocalServices, free_port
+
+    base = Path(tempfile.mkdtemp(prefix="casestream-bench-"))
+    svc = LocalServices(base / "services", kafka_port=free_port(), es_port=free_port())
+    noida = svc.start_foreground(base / "services.log")
+    worker = None
+    try:
+        svc.wait(60)
+        asyncio.run(create_topics(svc.kafka, [load_topics(t) for t in load_tenants()]))
+        fam = load_topics("on-call")
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, CASESTREAM_DATA_DIR=str(base / "data"))
+        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--tenant", "on-call",
+                                   "--loglevel", "warning"], env=env, cwd=str(ROOT),
+                                  stdout=open(base / "worker.log", "wb"), stderr=subprocess.STDOUT)
+        # warm up: the worker has joined and recovered once one event went through
+        asyncio.run(_produce(svc.kafka, fam.name("intake"), [orjson.dumps(
+            {"event_id": "warm", "action": "trigger", "dedup_key": "warm", "summary": "warm"})]))
+        asyncio.run(_count(svc.kafka, fam.name("domain-events"), 1, time.monotonic() + 120))
+        t0 = time.perf_counter()
+        asyncio.run(_produce(svc.kafka, fam.name("intake"), lines))
+        t_sent = time.perf_counter() - t0
+        got = asyncio.run(_count(svc.kafka, fam.name("domain-events"), expected_events + 1,
+                                 time.monotonic() + 600))
+        elapsed = time.perf_counter() - t0
+        return {"messages": len(lines), "domain_events": got - 1, "publish_s": round(t_sent, 2),
+                "elapsed_s": round(elapsed, 2), "msgs_per_s": round(len(lines) / elapsed)}
+    finally:
+        if worker and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+        os.killpg(noida.pid, signal.SIGTERM)
+        noida.wait(20)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--keys", type=int, default=2000)
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    lines = feed(args.messages, args.keys)
+    rate, events = bench_domain(lines)
+    print(f"domain (parse+decide+remember, in-process): {rate:,.0f} msgs/s; {events} domain events")
+    if not args.skip_e2e:
+        r = bench_end_to_end(lines, events)
+        print(f"end to end (1 on-call worker, local Kafka): {r}")
+
+
+if __name__ == "__main__":
+    main()
