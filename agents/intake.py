@@ -47,6 +47,7 @@ log = logging.getLogger("casestream.intake")
 
 DOMAIN = "domain-events"
 DLQ = "dlq"
+ROUTED = "intake-routed"
 
 
 def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, raw: bytes | None) -> dict:
@@ -73,10 +74,27 @@ def _headers(event: dict) -> list[tuple[str, bytes]]:
             ("case_id", event["case_id"].encode()), ("event_id", event["event_id"].encode())]
 
 
+def route_message(tenant, topic: str, partition: int, offset: int, timestamp_ms: int,
+                  key: bytes | None, raw: bytes | None) -> tuple[str, bytes | None, dict]:
+    """Where one intake record goes: ("routed", routing key, envelope) or ("dlq", key, dead letter)."""
+    result = parse(raw, tenant, timestamp_ms)
+    if isinstance(result, Rejection):
+        return DLQ, key, dead_letter(result, topic, partition, offset, raw)
+    rkey = routing_key(result, tenant)
+    if rkey is None:
+        rej = Rejection(UNKNOWN_CASE, f"case id {result.case_id!r} is not a {tenant.name} case id")
+        return DLQ, key, dead_letter(rej, topic, partition, offset, raw)
+    envelope = {
+        "intake": result.to_dict(),
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "original": raw.decode("utf-8"),  # parsed as JSON, so valid UTF-8
+    }
+    return ROUTED, rkey.encode(), envelope
+
+
 def register(topo: Topology) -> None:
     app, tenant = topo.app, topo.tenant
     tname = tenant.name
-    intake_topic_name = topo.family.name("intake")
 
     def send_dlq(key: bytes | None, record: dict) -> None:
         record = dict(record, dead_lettered_at=int(time.time() * 1000))
@@ -96,25 +114,14 @@ def register(topo: Topology) -> None:
     async def route(stream):
         async for event in stream.events():
             msg = event.message
-            raw = event.value
-            result = parse(raw, tenant, int(msg.timestamp * 1000))
-            if isinstance(result, Rejection):
-                send_dlq(msg.key, dead_letter(result, msg.topic, msg.partition, msg.offset, raw))
+            kind, key, value = route_message(tenant, msg.topic, msg.partition, msg.offset,
+                                             int(msg.timestamp * 1000), msg.key, event.value)
+            if kind == ROUTED:
+                topo.routed.send_soon(key=key, value=orjson.dumps(value))
+                metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
+            else:
+                send_dlq(key, value)
                 metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
-                continue
-            rkey = routing_key(result, tenant)
-            if rkey is None:
-                rej = Rejection(UNKNOWN_CASE, f"case id {result.case_id!r} is not a {tname} case id")
-                send_dlq(msg.key, dead_letter(rej, msg.topic, msg.partition, msg.offset, raw))
-                metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
-                continue
-            envelope = {
-                "intake": result.to_dict(),
-                "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
-                "original": raw.decode("utf-8"),  # parsed as JSON, so valid UTF-8
-            }
-            topo.routed.send_soon(key=rkey.encode(), value=orjson.dumps(envelope))
-            metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
 
     def get_entry(key: str) -> dict | None:
         raw = topo.keys.get(key)
@@ -166,7 +173,6 @@ def register(topo: Topology) -> None:
             metrics.APPLY_SECONDS.labels(tname).observe(time.perf_counter() - started)
 
     topo.agents = {"route": route, "apply": apply_cases}  # type: ignore[attr-defined]
-    log.debug("registered intake agents for %s (source %s)", tname, intake_topic_name)
 
 
 STALL_EXIT_CODE = 3

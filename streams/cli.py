@@ -156,6 +156,11 @@ def cmd_worker(args, settings: Settings) -> int:
     if port:
         metrics.serve(port)
     worker = faust.Worker(topo.app, loglevel=args.loglevel, quiet=True)
+    # Faust's logging setup leaves the root logger at DEBUG for its handlers to
+    # filter: without their own level, aiokafka's per-fetch debug records are
+    # built (and dropped) thousands of times a second.
+    for name in ("aiokafka", "faust", "mode"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.loglevel == "debug" else logging.INFO)
     worker.execute_from_commandline()
     return EXIT_OK
 
