@@ -195,41 +195,39 @@ def register_health(topo: Topology, bootstrap_servers: str, interval: float = 5.
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from streams.health import StallDetector, input_lag
+
     app = topo.app
-    state = {"client": None, "last_progress": time.monotonic(), "last_read": None}
+    detector = StallDetector(stall_seconds, time.monotonic())
+    client: list = []
 
     @app.timer(interval=interval, name=f"{topo.family.app_id}.health")
     async def health():
         consumer = app.consumer
-        changelogs = app.tables.changelog_topics
         inputs = {topo.family.name("intake"), topo.family.name("intake-routed")}
-        stream_tps = sorted((tp for tp in consumer.assignment() if tp.topic in inputs and tp.topic not in changelogs),
+        stream_tps = sorted((tp for tp in consumer.assignment() if tp.topic in inputs),
                             key=lambda tp: (tp.topic, tp.partition))
-        read = {f"{tp.topic}:{tp.partition}": consumer._read_offset.get(tp) for tp in stream_tps}
-        now = time.monotonic()
-        if not app.tables.recovery.completed.is_set():
-            state["last_progress"] = now  # recovering or rebalancing: not a stall
-        if read != state["last_read"]:
-            state["last_read"], state["last_progress"] = read, now
+        name = {tp: f"{tp.topic}:{tp.partition}" for tp in stream_tps}
+        read = {name[tp]: consumer._read_offset.get(tp) for tp in stream_tps}
         lag = None
         try:
-            if state["client"] is None:
-                state["client"] = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers,
-                                                   enable_auto_commit=False)
-                await state["client"].start()
-            ends = await state["client"].end_offsets([TopicPartition(tp.topic, tp.partition) for tp in stream_tps])
-            committed = {tp: consumer._committed_offset.get(tp) for tp in stream_tps}
-            lag = sum(max(0, ends[TopicPartition(tp.topic, tp.partition)]
-                          - max((read[f"{tp.topic}:{tp.partition}"] or -1) + 1, committed[tp] or 0))
-                      for tp in stream_tps)
+            if not client:
+                c = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+                await c.start()
+                client.append(c)
+            ends = await client[0].end_offsets([TopicPartition(tp.topic, tp.partition) for tp in stream_tps])
+            lag = input_lag({name[tp]: ends[TopicPartition(tp.topic, tp.partition)] for tp in stream_tps}, read,
+                            {name[tp]: consumer._committed_offset.get(tp) for tp in stream_tps})
         except Exception as exc:  # the watchdog must never take the worker down by itself
             log.warning("health: cannot read end offsets: %r", exc)
-        stalled_for = now - state["last_progress"]
+        now = time.monotonic()
+        stalled = detector.observe(read, lag, recovering=not app.tables.recovery.completed.is_set(), now=now)
+        stalled_for = detector.stalled_for(now)
         log.info("health %s", orjson.dumps({
             "tenant": topo.tenant.name, "partitions": len(stream_tps), "lag": lag,
             "flow_active": consumer.flow_active, "seconds_since_progress": round(stalled_for, 1),
         }).decode())
-        if lag and stalled_for > stall_seconds:
+        if stalled:
             log.error("stall: %d input messages waiting and nothing read for %.0fs; exiting with code %d "
                       "for the supervisor to restart this worker. state=%s", lag, stalled_for,
                       STALL_EXIT_CODE, orjson.dumps(read).decode())

@@ -1,0 +1,41 @@
+"""Stall detection for a worker's consumer: pure, driven by observations.
+
+A worker is *stalled* when input is waiting (lag > 0) and its streams have
+read nothing new for longer than the limit, outside recovery/rebalancing.
+The worker feeds an observation every few seconds; what to do about a stall
+(exit for the supervisor) is the caller's business.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+
+def input_lag(end_offsets: Mapping[str, int], read_offsets: Mapping[str, int | None],
+              committed: Mapping[str, int | None]) -> int:
+    """Messages waiting per the end offsets, beyond what was read or committed."""
+    total = 0
+    for tp, end in end_offsets.items():
+        read = read_offsets.get(tp)
+        position = max((read + 1) if read is not None else 0, committed.get(tp) or 0)
+        total += max(0, end - position)
+    return total
+
+
+class StallDetector:
+    def __init__(self, limit_seconds: float, now: float):
+        self.limit = limit_seconds
+        self.last_progress = now
+        self.last_read: dict | None = None
+
+    def observe(self, read_offsets: Mapping[str, int | None], lag: int | None, *,
+                recovering: bool, now: float) -> bool:
+        """Record one observation; True when the consumer counts as stalled."""
+        read = dict(read_offsets)
+        if recovering or read != self.last_read:
+            self.last_progress = now
+        self.last_read = read
+        return bool(lag) and not recovering and self.stalled_for(now) > self.limit
+
+    def stalled_for(self, now: float) -> float:
+        return now - self.last_progress

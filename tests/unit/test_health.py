@@ -1,0 +1,38 @@
+"""Stall detection (streams/health.py): pure, with an injected clock."""
+
+from __future__ import annotations
+
+from streams.health import StallDetector, input_lag
+
+
+def test_input_lag_counts_what_is_neither_read_nor_committed():
+    ends = {"a:0": 10, "a:1": 5, "a:2": 7}
+    assert input_lag(ends, {"a:0": 9, "a:1": None, "a:2": 3}, {"a:0": 10, "a:1": 2, "a:2": None}) == 0 + 3 + 3
+    assert input_lag(ends, {}, {}) == 22
+    assert input_lag({"a:0": 4}, {"a:0": 3}, {"a:0": 4}) == 0
+
+
+def test_no_progress_with_lag_beyond_the_limit_is_a_stall():
+    d = StallDetector(60, now=0)
+    assert not d.observe({"a:0": None}, 100, recovering=False, now=10)
+    assert not d.observe({"a:0": None}, 100, recovering=False, now=70)  # 60 s since t=10
+    assert d.observe({"a:0": None}, 100, recovering=False, now=71)
+    assert d.stalled_for(71) == 61
+
+
+def test_progress_resets_the_clock():
+    d = StallDetector(60, now=0)
+    d.observe({"a:0": 1}, 100, recovering=False, now=0)
+    assert not d.observe({"a:0": 2}, 100, recovering=False, now=50)
+    assert not d.observe({"a:0": 2}, 100, recovering=False, now=109)
+    assert d.observe({"a:0": 2}, 100, recovering=False, now=111)
+
+
+def test_no_lag_or_recovery_is_never_a_stall():
+    d = StallDetector(60, now=0)
+    assert not d.observe({"a:0": 1}, 0, recovering=False, now=500)
+    assert not d.observe({"a:0": 1}, None, recovering=False, now=600)  # end offsets unknown
+    assert not d.observe({"a:0": 1}, 100, recovering=True, now=700)
+    # recovery counted as progress: the limit runs from its end
+    assert not d.observe({"a:0": 1}, 100, recovering=False, now=759)
+    assert d.observe({"a:0": 1}, 100, recovering=False, now=761)
