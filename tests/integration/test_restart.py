@@ -35,7 +35,7 @@ def expected_versions(tenant_name: str, messages: list[dict]) -> dict[str, list[
     return out
 
 
-@pytest.mark.parametrize("tenant", ["on-call"])
+@pytest.mark.parametrize("tenant", ["on-call", "case-management"])
 def test_worker_killed_mid_stream_recovers_from_changelog(fresh_stack, run_id, tenant):
     stack = fresh_stack
     n_keys = 40
