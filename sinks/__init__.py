@@ -1,0 +1,24 @@
+"""Sinks: read models and deliveries fed from T.domain-events (see sinks/base.py)."""
+
+from __future__ import annotations
+
+from sinks.base import Backoff, Sink, SinkRecord
+
+__all__ = ["Backoff", "Sink", "SinkRecord", "build_sinks"]
+
+KNOWN = ("postgres",)
+
+
+def build_sinks(settings, tenant) -> list[Sink]:
+    """The sinks a tenant's worker feeds (CASESTREAM_PROJECTIONS, default postgres; '' for none)."""
+    from streams.config import ConfigError
+
+    sinks: list[Sink] = []
+    for name in settings.projections:
+        if name == "postgres":
+            from sinks.postgres import PostgresSink, database_name
+
+            sinks.append(PostgresSink(settings.postgres_dsn, database_name(tenant.name, settings.db_prefix), tenant))
+        else:
+            raise ConfigError(f"CASESTREAM_PROJECTIONS: unknown sink '{name}'; known sinks: {', '.join(KNOWN)}")
+    return sinks

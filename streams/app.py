@@ -79,5 +79,9 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
     )
     from agents import intake  # agents are thin shells over streams.domain
     intake.register(topo)
+    from agents import projections
+    from sinks import build_sinks
+
+    projections.register(topo, build_sinks(settings, tenant))
     intake.register_health(topo, settings.kafka_bootstrap_servers, stall_seconds=settings.stall_seconds)
     return topo

@@ -298,6 +298,73 @@ def cmd_tail(args, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------
+# db / case
+# --------------------------------------------------------------------------
+
+
+def cmd_db(args, settings: Settings) -> int:
+    from sinks.postgres import MigrationError, database_name, migrate
+
+    rows = []
+    for t in _tenants_arg(settings, args.tenant):
+        db = database_name(t, settings.db_prefix)
+        try:
+            applied = asyncio.run(asyncio.wait_for(migrate(settings.postgres_dsn, db), timeout=args.timeout))
+        except MigrationError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        except Exception as exc:
+            raise CliError(f"migrating {db} on {_safe_dsn(settings.postgres_dsn)} failed: "
+                           f"{exc.__class__.__name__} {exc}. Is PostgreSQL up?") from None
+        rows.append({"tenant": t, "database": db, "applied": applied or [], "state": "up to date"})
+    if args.json:
+        emit_json(rows)
+    else:
+        print_table([dict(r, applied=", ".join(r["applied"]) or "-") for r in rows],
+                    ["tenant", "database", "applied", "state"])
+    return EXIT_OK
+
+
+def _safe_dsn(dsn: str) -> str:
+    u = urlparse(dsn)
+    return f"{u.hostname}:{u.port or 5432}"
+
+
+def cmd_case(args, settings: Settings) -> int:
+    from sinks.postgres import PostgresSink, database_name
+
+    tenant = get_tenant(args.tenant or settings.tenant_name, settings.tenants_file)
+
+    async def fetch():
+        sink = PostgresSink(settings.postgres_dsn, database_name(tenant.name, settings.db_prefix), tenant)
+        import asyncpg
+
+        sink.pool = await asyncpg.create_pool(settings.postgres_dsn, database=sink.database, min_size=1, max_size=1)
+        try:
+            return await sink.case(args.case_id), (await sink.timeline(args.case_id) if args.timeline else None)
+        finally:
+            await sink.close()
+
+    try:
+        case, timeline = asyncio.run(asyncio.wait_for(fetch(), timeout=30))
+    except Exception as exc:
+        raise CliError(f"reading case {args.case_id} failed: {exc.__class__.__name__} {exc}") from None
+    if case is None:
+        raise CliError(f"no case {args.case_id!r} in tenant {tenant.name}", EXIT_FAIL)
+    if args.json:
+        emit_json({"case": case, "timeline": timeline} if args.timeline else case)
+        return EXIT_OK
+    skip = {"custom_details", "links"}
+    print_table([{"field": k, "value": v} for k, v in case.items() if k not in skip], ["field", "value"])
+    if timeline is not None:
+        from streams.demo import _describe
+
+        print()
+        print_table([{"v": e["version"], "type": e["type"], "actor": (e.get("actor") or {}).get("id"),
+                      "change": _describe(e)} for e in timeline], ["v", "type", "actor", "change"])
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------
 
@@ -366,6 +433,24 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--max", type=int, help="stop after this many messages")
     tl.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a message")
     tl.set_defaults(func=cmd_tail)
+
+    db = sub.add_parser("db", help="PostgreSQL projection databases",
+                        description="Create each tenant's database when absent and apply pending migrations "
+                                    "(idempotent).")
+    db.add_argument("action", choices=["migrate"])
+    db.add_argument("--tenant", help="one tenant (default: all tenants)")
+    db.add_argument("--timeout", type=float, default=60.0)
+    db.add_argument("--json", action="store_true")
+    db.set_defaults(func=cmd_db)
+
+    cs = sub.add_parser("case", help="show a case from the PostgreSQL projection",
+                        description="Show a case's current state (and its timeline) from the tenant's database.")
+    cs.add_argument("action", choices=["show"])
+    cs.add_argument("case_id")
+    cs.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    cs.add_argument("--timeline", action="store_true", help="also print every event, in version order")
+    cs.add_argument("--json", action="store_true")
+    cs.set_defaults(func=cmd_case)
 
     d = sub.add_parser("demo", help="services, topics, a worker per tenant, a demo feed; show the case changes",
                        description="The quick start: local services up, topics, one worker per tenant, a "

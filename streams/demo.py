@@ -119,6 +119,36 @@ async def _collect(settings: Settings, start: dict, want: int, deadline: float) 
     return got
 
 
+async def _wait_projected(settings: Settings, got: list, deadline: float) -> dict[str, tuple[int, int]]:
+    """Poll each tenant's timeline until it holds the demo's domain events."""
+    import asyncpg
+
+    from sinks.postgres import database_name
+
+    want: dict[str, list[str]] = {}
+    for where, d in got:
+        tenant, kind = where.split()
+        if kind == "domain-events":
+            want.setdefault(tenant, []).append(d["event_id"])
+    out = {}
+    for tenant, ids in want.items():
+        n = 0
+        while True:
+            try:
+                conn = await asyncpg.connect(settings.postgres_dsn, database=database_name(tenant, settings.db_prefix))
+                try:
+                    n = await conn.fetchval("SELECT count(*) FROM timeline WHERE event_id = ANY($1::text[])", ids)
+                finally:
+                    await conn.close()
+            except (OSError, asyncpg.PostgresError):
+                pass  # not migrated yet: the worker creates it on start
+            if n >= len(ids) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        out[tenant] = (n, len(ids))
+    return out
+
+
 def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) -> int:
     from streams.cli import CliError, _port_of, print_table, send_lines
     from streams.kafka import create_topics
@@ -190,6 +220,13 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
             f" Metrics: http://127.0.0.1:9464/metrics and :9465/metrics while workers run.")
         if len(got) < want:
             say(f"Workers were slow or failed; see {logs}.")
+            return 1
+        projected = asyncio.run(_wait_projected(settings, got, time.monotonic() + 60))
+        for t, (n, total) in sorted(projected.items()):
+            say(f"PostgreSQL {t}: {n} of {total} domain events in the timeline"
+                f" (casestream case show --tenant {t} CASE_ID --timeline)")
+        if any(n < total for n, total in projected.values()):
+            say(f"The projection is behind; see {logs}.")
             return 1
         if follow:
             say("Workers keep running; Ctrl-C stops them. Watch with: casestream tail --tenant on-call")

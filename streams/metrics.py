@@ -12,6 +12,8 @@ DOMAIN_EVENTS = Counter(
     "casestream_domain_events_total", "Domain events emitted, by type.", ["tenant", "type"])
 DUPLICATES = Counter(
     "casestream_intake_duplicates_total", "Intake messages already applied (redeliveries).", ["tenant"])
+PROJECTED = Counter(
+    "casestream_projected_events_total", "Domain events written to a sink.", ["tenant", "sink"])
 APPLY_SECONDS = Histogram(
     "casestream_apply_duration_seconds", "Time to decide and apply one routed intake message.", ["tenant"],
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5))

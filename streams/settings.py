@@ -23,6 +23,8 @@ class Settings:
     topics_file: Path
     tenant_name: str
     stall_seconds: float = 60.0
+    db_prefix: str = "casestream_"
+    projections: tuple[str, ...] = ("postgres",)
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -49,6 +51,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         topics_file=Path(env.get("CASESTREAM_TOPICS_FILE", config_dir / "topics.yaml")),
         tenant_name=env.get("TENANT_NAME") or DEFAULT_TENANT,
         stall_seconds=float(env.get("CASESTREAM_STALL_SECONDS", "60")),
+        db_prefix=env.get("CASESTREAM_DB_PREFIX", "casestream_"),
+        projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres").split(",") if p.strip()),
     )
 
 

@@ -89,12 +89,66 @@ class Stack:
     elasticsearch: str
     base_dir: Path
     workers: list[Worker] = field(default_factory=list)
+    db_prefix: str = field(default_factory=lambda: f"cstest_{uuid.uuid4().hex[:8]}_")
+
+    @property
+    def postgres_dsn(self) -> str:
+        return os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+    def database(self, tenant: str) -> str:
+        from sinks.postgres import database_name
+
+        return database_name(tenant, self.db_prefix)
+
+    def pg(self, tenant: str, sql: str, *args) -> list[dict]:
+        """Run a query on the tenant's projection database (fresh connection)."""
+        import asyncpg
+
+        async def run():
+            conn = await asyncpg.connect(self.postgres_dsn, database=self.database(tenant))
+            try:
+                return [dict(r) for r in await conn.fetch(sql, *args)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def poll(self, fn, until, *, deadline: float = DEADLINE, what: str = "condition"):
+        """Call fn() until until(result) holds; fail at the deadline (no fixed sleeps)."""
+        end = time.monotonic() + deadline
+        while True:
+            for w in self.workers:
+                w.restart_if_stalled()
+            try:
+                result = fn()
+            except Exception as exc:  # e.g. the database is not created yet
+                result = exc
+            if not isinstance(result, Exception) and until(result):
+                return result
+            if time.monotonic() > end:
+                raise AssertionError(f"deadline waiting for {what}; last: {result!r}"[:2000])
+            time.sleep(0.2)  # polling interval, bounded by the deadline
+
+    def drop_databases(self) -> None:
+        import asyncpg
+
+        async def run():
+            conn = await asyncpg.connect(self.postgres_dsn)
+            try:
+                for r in await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1",
+                                          self.db_prefix + "%"):
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{r["datname"]}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
 
     @property
     def env(self) -> dict:
         env = dict(os.environ)
         env.update(KAFKA_BOOTSTRAP_SERVERS=self.kafka, ELASTICSEARCH_URL=self.elasticsearch,
-                   PYTHONPATH=str(PROJECT_ROOT), CASESTREAM_STALL_SECONDS="15")
+                   PYTHONPATH=str(PROJECT_ROOT), CASESTREAM_STALL_SECONDS="15",
+                   CASESTREAM_DB_PREFIX=self.db_prefix, POSTGRES_DSN=self.postgres_dsn)
         return env
 
     def topic(self, tenant: str, role: str) -> str:
@@ -203,6 +257,7 @@ def _start_stack(base: Path) -> tuple[Stack, subprocess.Popen | None]:
 def _stop_stack(stack: Stack, proc: subprocess.Popen | None) -> None:
     for w in stack.workers:
         w.stop()
+    stack.drop_databases()
     if proc is not None and proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -1,0 +1,67 @@
+"""The one small interface every sink sits behind, and its retry policy.
+
+A sink receives batches of decoded domain events with their Kafka
+coordinates. ``write_batch`` either stores the whole batch or raises; while
+the sink's server is unreachable it retries with capped exponential backoff
+and does not return, so the agent feeding it pauses (backpressure) instead
+of dropping or crashing, and catches up by itself when the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol, TypeVar
+
+log = logging.getLogger("casestream.sinks")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SinkRecord:
+    topic: str
+    partition: int
+    offset: int
+    event: dict
+
+
+class Sink(Protocol):
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def write_batch(self, records: list[SinkRecord]) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter; ``attempts=None`` retries forever."""
+
+    initial: float = 0.2
+    cap: float = 30.0
+    attempts: int | None = None
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.initial * (2 ** attempt)))
+
+    async def run(self, what: str, fn: Callable[[], Awaitable[T]],
+                  retry_on: tuple[type[BaseException], ...]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except retry_on as exc:
+                if self.attempts is not None and attempt + 1 >= self.attempts:
+                    raise
+                delay = self.delay(attempt)
+                log.warning("%s failed (%s: %s); retrying in %.1fs (attempt %d)",
+                            what, exc.__class__.__name__, exc, delay, attempt + 1)
+                await self.sleep(delay)
+                attempt += 1

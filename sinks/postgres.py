@@ -1,0 +1,257 @@
+"""PostgreSQL projection: the current case and its timeline, per tenant.
+
+One database per tenant on the server of ``POSTGRES_DSN``
+(``<prefix><tenant>``, prefix ``casestream_`` by default, ``-`` becomes
+``_``), created when absent, with versioned migrations from
+``sinks/migrations/postgres`` recorded in ``schema_migrations``.
+
+``write_batch`` runs one transaction: it skips records at or below the
+stored consumer position of their partition, inserts timeline rows (unique
+on ``(case_id, version)``), folds the new events into the case rows with the
+domain's own ``apply`` (rebuilding a case from its timeline when versions
+arrive out of order), and stores the new positions -- so a crash between
+write and commit neither loses nor doubles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import orjson
+
+from sinks.base import Backoff, SinkRecord
+from streams.config import Tenant
+from streams.domain import cases as domain
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations" / "postgres"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+def database_name(tenant: str, prefix: str = "casestream_") -> str:
+    return f"{prefix}{tenant}".replace("-", "_")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, sql) in version order; files are NNNN_name.sql."""
+    out = []
+    for f in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        head = f.name.split("_", 1)[0]
+        if not head.isdigit():
+            raise MigrationError(f"{f}: migration files are named NNNN_description.sql")
+        out.append((int(head), f.name, f.read_text()))
+    versions = [v for v, _, _ in out]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{MIGRATIONS_DIR}: two migrations share a version number")
+    return out
+
+
+def _checksum(sql: str) -> str:
+    return hashlib.sha256(sql.encode()).hexdigest()
+
+
+async def ensure_database(dsn: str, name: str) -> bool:
+    """Create the database when absent; True when it was created."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return False
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+async def migrate(dsn: str, name: str) -> list[str]:
+    """Apply pending migrations (idempotent, serialized by an advisory lock)."""
+    import asyncpg
+
+    await ensure_database(dsn, name)
+    conn = await asyncpg.connect(dsn, database=name)
+    applied_now = []
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('casestream-migrations'))")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, name text NOT NULL, "
+                "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")}
+            for version, fname, sql in migrations():
+                if version in done:
+                    if done[version]["checksum"] != _checksum(sql):
+                        raise MigrationError(
+                            f"{fname} changed after it was applied to {name}; add a new migration instead")
+                    continue
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                                   version, fname, _checksum(sql))
+                applied_now.append(fname)
+    finally:
+        await conn.close()
+    return applied_now
+
+
+def _ts(ms: int | None) -> datetime | None:
+    return None if ms is None else _EPOCH + timedelta(milliseconds=ms)
+
+
+_CASE_COLUMNS = (
+    "case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "summary", "source", "severity",
+    "priority", "urgency", "project", "component", "group", "class", "tags", "links", "custom_details",
+    "assignee", "occurrence_count", "comment_count", "created_at", "updated_at", "last_seen_at",
+    "status_changed_at", "acknowledged_at", "resolved_at", "version",
+)
+_TS_COLUMNS = {"created_at", "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at"}
+_JSON_COLUMNS = {"links", "custom_details", "assignee"}
+
+
+def case_row(case: dict) -> tuple:
+    out = []
+    for c in _CASE_COLUMNS:
+        v = case.get(c)
+        if c in _TS_COLUMNS:
+            v = _ts(v)
+        elif c in _JSON_COLUMNS:
+            v = orjson.dumps(v).decode() if v is not None else None
+        elif c == "tags":
+            v = list(v or [])
+        out.append(v)
+    return tuple(out)
+
+
+def _upsert_sql() -> str:
+    cols = ", ".join(f'"{c}"' for c in _CASE_COLUMNS)
+    params = ", ".join(f"${i}" + ("::jsonb" if c in _JSON_COLUMNS else "")
+                       for i, c in enumerate(_CASE_COLUMNS, start=1))
+    sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _CASE_COLUMNS if c != "case_id")
+    return (f"INSERT INTO cases ({cols}) VALUES ({params}) ON CONFLICT (case_id) DO UPDATE SET {sets} "
+            f"WHERE cases.version < EXCLUDED.version")
+
+
+_UPSERT = _upsert_sql()
+_TIMELINE_INSERT = (
+    "INSERT INTO timeline (case_id, version, event_id, type, occurred_at, caused_by, actor, payload) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb) ON CONFLICT DO NOTHING")
+
+
+class PostgresSink:
+    """The tenant's case projection and timeline (see the module docstring)."""
+
+    name = "postgres"
+    RETRY_ON: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, dsn: str, database: str, tenant: Tenant, backoff: Backoff | None = None):
+        self.dsn = dsn
+        self.database = database
+        self.tenant = tenant
+        self.backoff = backoff or Backoff()
+        self.pool = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        self.RETRY_ON = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                         asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+        async def connect():
+            await migrate(self.dsn, self.database)
+            self.pool = await asyncpg.create_pool(self.dsn, database=self.database, min_size=1, max_size=4)
+
+        await self.backoff.run(f"postgres open {self.database}", connect, self.RETRY_ON)
+
+    async def write_batch(self, records: list[SinkRecord]) -> None:
+        if not records:
+            return
+        if self.pool is None:
+            await self.open()
+        await self.backoff.run(f"postgres write to {self.database}", lambda: self._write(records), self.RETRY_ON)
+
+    async def _write(self, records: list[SinkRecord]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            parts = sorted({(r.topic, r.partition) for r in records})
+            rows = await conn.fetch(
+                'SELECT topic, partition, "offset" FROM projection_positions '
+                "WHERE (topic, partition) IN (SELECT * FROM unnest($1::text[], $2::int[])) FOR UPDATE",
+                [t for t, _ in parts], [p for _, p in parts])
+            stored = {(r["topic"], r["partition"]): r["offset"] for r in rows}
+            fresh = [r for r in records if r.offset > stored.get((r.topic, r.partition), -1)]
+            if not fresh:
+                return
+            await conn.executemany(_TIMELINE_INSERT, [
+                (e["case_id"], e["version"], e["event_id"], e["type"], _ts(e["occurred_at"]), e["caused_by"],
+                 orjson.dumps(e.get("actor")).decode(), orjson.dumps(e).decode())
+                for e in (r.event for r in fresh)])
+            await self._fold(conn, [r.event for r in fresh])
+            top: dict[tuple[str, int], int] = {}
+            for r in fresh:
+                top[(r.topic, r.partition)] = max(r.offset, top.get((r.topic, r.partition), -1))
+            await conn.executemany(
+                'INSERT INTO projection_positions (topic, partition, "offset") VALUES ($1, $2, $3) '
+                'ON CONFLICT (topic, partition) DO UPDATE SET "offset" = GREATEST(projection_positions."offset", '
+                'EXCLUDED."offset")', [(t, p, o) for (t, p), o in top.items()])
+
+    async def _fold(self, conn, events: list[dict]) -> None:
+        by_case: dict[str, list[dict]] = {}
+        for e in events:
+            by_case.setdefault(e["case_id"], []).append(e)
+        ids = sorted(by_case)
+        current = {r["case_id"]: (r["version"], orjson.loads(r["state"])) for r in await conn.fetch(
+            "SELECT case_id, version, state FROM case_states WHERE case_id = ANY($1::text[])", ids)}
+        new_states = []
+        for cid in ids:
+            evs = sorted(by_case[cid], key=lambda e: e["version"])
+            version, state = current.get(cid, (0, None))
+            evs = [e for e in evs if e["version"] > version]
+            if not evs:
+                continue
+            if [e["version"] for e in evs] == list(range(version + 1, version + 1 + len(evs))):
+                for e in evs:
+                    state = domain.apply(self.tenant, state, e)
+            else:  # out of order: rebuild from the timeline, as far as it is gapless
+                state = None
+                for r in await conn.fetch("SELECT version, payload FROM timeline WHERE case_id = $1 "
+                                          "ORDER BY version", cid):
+                    if r["version"] != (state["version"] if state else 0) + 1:
+                        break
+                    state = domain.apply(self.tenant, state, orjson.loads(r["payload"]))
+                if state is None or state["version"] <= version:
+                    continue
+            new_states.append(state)
+        if not new_states:
+            return
+        await conn.executemany(_UPSERT, [case_row(s) for s in new_states])
+        await conn.executemany(
+            "INSERT INTO case_states (case_id, version, state) VALUES ($1, $2, $3::jsonb) "
+            "ON CONFLICT (case_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state "
+            "WHERE case_states.version < EXCLUDED.version",
+            [(s["case_id"], s["version"], orjson.dumps(s).decode()) for s in new_states])
+
+    async def flush(self) -> None:
+        return None  # every write_batch commits
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    # -- reads (timeline and case, for the CLI/API) ----------------------------
+
+    async def timeline(self, case_id: str) -> list[dict]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT payload FROM timeline WHERE case_id = $1 ORDER BY version", case_id)
+        return [orjson.loads(r["payload"]) for r in rows]
+
+    async def case(self, case_id: str) -> dict | None:
+        async with self.pool.acquire() as conn:
+            raw = await conn.fetchval("SELECT state FROM case_states WHERE case_id = $1", case_id)
+        return orjson.loads(raw) if raw else None
