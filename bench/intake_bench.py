@@ -4,7 +4,7 @@
 
 1. domain: parse + decide + remember per message, no I/O (one core).
 2. end to end: local Kafka (noida-db) on free ports, topics, one on-call
-   worker subprocess; N intake messages are published up front, and the
+   worker subprocess (projections off: intake only); N intake messages are published up front, and the
    clock runs from the first publish until the last expected domain event
    has been read back (route -> apply -> Avro out, changelog writes included).
 Figures go to bench/RESULTS.md by hand, with the machine and the date.
@@ -104,7 +104,9 @@ def bench_end_to_end(lines: list[bytes], expected_events: int) -> dict:
         svc.wait(60)
         asyncio.run(create_topics(svc.kafka, [load_topics(t) for t in load_tenants()]))
         fam = load_topics("on-call")
-        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, CASESTREAM_DATA_DIR=str(base / "data"))
+        # intake only: projections off (they have their own benchmark in the projections issue)
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, CASESTREAM_DATA_DIR=str(base / "data"),
+                   CASESTREAM_PROJECTIONS="")
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--tenant", "on-call",
                                    "--loglevel", "warning"], env=env, cwd=str(ROOT),
                                   stdout=open(base / "worker.log", "wb"), stderr=subprocess.STDOUT)

@@ -6,11 +6,11 @@ from sinks.base import Backoff, Sink, SinkRecord
 
 __all__ = ["Backoff", "Sink", "SinkRecord", "build_sinks"]
 
-KNOWN = ("postgres",)
+KNOWN = ("postgres", "elasticsearch")
 
 
 def build_sinks(settings, tenant) -> list[Sink]:
-    """The sinks a tenant's worker feeds (CASESTREAM_PROJECTIONS, default postgres; '' for none)."""
+    """The sinks a tenant's worker feeds (CASESTREAM_PROJECTIONS, default both; '' for none)."""
     from streams.config import ConfigError
 
     sinks: list[Sink] = []
@@ -19,6 +19,11 @@ def build_sinks(settings, tenant) -> list[Sink]:
             from sinks.postgres import PostgresSink, database_name
 
             sinks.append(PostgresSink(settings.postgres_dsn, database_name(tenant.name, settings.db_prefix), tenant))
+        elif name == "elasticsearch":
+            from sinks.elasticsearch import ElasticsearchSink, index_name
+
+            sinks.append(ElasticsearchSink(settings.elasticsearch_url, index_name(tenant.name, settings.index_prefix),
+                                           tenant))
         else:
             raise ConfigError(f"CASESTREAM_PROJECTIONS: unknown sink '{name}'; known sinks: {', '.join(KNOWN)}")
     return sinks

@@ -23,6 +23,7 @@ import orjson
 from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
 from streams.domain import cases as domain
 from streams.domain.intake import Rejection, parse
+from sinks.elasticsearch import index_name
 from streams.settings import Settings
 
 DEMO_DIR = PROJECT_ROOT / "demo"
@@ -149,6 +150,36 @@ async def _wait_projected(settings: Settings, got: list, deadline: float) -> dic
     return out
 
 
+async def _wait_indexed(settings: Settings, got: list, deadline: float) -> dict[str, tuple[int, int]]:
+    """Poll each tenant's index until every demo case is there at its latest version."""
+    from elasticsearch import AsyncElasticsearch
+
+    latest: dict[str, dict[str, int]] = {}
+    for where, d in got:
+        tenant, kind = where.split()
+        if kind == "domain-events":
+            cases = latest.setdefault(tenant, {})
+            cases[d["case_id"]] = max(cases.get(d["case_id"], 0), d["version"])
+    out = {}
+    es = AsyncElasticsearch(settings.elasticsearch_url)
+    try:
+        for tenant, cases in latest.items():
+            n = 0
+            while True:
+                try:
+                    r = await es.mget(index=index_name(tenant, settings.index_prefix), ids=sorted(cases))
+                    n = sum(1 for d in r.body["docs"] if d.get("found") and d["_version"] >= cases[d["_id"]])
+                except Exception:  # index not created yet
+                    n = 0
+                if n >= len(cases) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            out[tenant] = (n, len(cases))
+    finally:
+        await es.close()
+    return out
+
+
 def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) -> int:
     from streams.cli import CliError, _port_of, print_table, send_lines
     from streams.kafka import create_topics
@@ -225,8 +256,11 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
         for t, (n, total) in sorted(projected.items()):
             say(f"PostgreSQL {t}: {n} of {total} domain events in the timeline"
                 f" (casestream case show --tenant {t} CASE_ID --timeline)")
-        if any(n < total for n, total in projected.values()):
-            say(f"The projection is behind; see {logs}.")
+        indexed = asyncio.run(_wait_indexed(settings, got, time.monotonic() + 60))
+        for t, (n, total) in sorted(indexed.items()):
+            say(f"Elasticsearch {index_name(t, settings.index_prefix)}: {n} of {total} cases at their latest version")
+        if any(n < total for n, total in list(projected.values()) + list(indexed.values())):
+            say(f"A projection is behind; see {logs}.")
             return 1
         if follow:
             say("Workers keep running; Ctrl-C stops them. Watch with: casestream tail --tenant on-call")

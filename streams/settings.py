@@ -24,7 +24,8 @@ class Settings:
     tenant_name: str
     stall_seconds: float = 60.0
     db_prefix: str = "casestream_"
-    projections: tuple[str, ...] = ("postgres",)
+    projections: tuple[str, ...] = ("postgres", "elasticsearch")
+    index_prefix: str = "cases-"
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -52,7 +53,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         tenant_name=env.get("TENANT_NAME") or DEFAULT_TENANT,
         stall_seconds=float(env.get("CASESTREAM_STALL_SECONDS", "60")),
         db_prefix=env.get("CASESTREAM_DB_PREFIX", "casestream_"),
-        projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres").split(",") if p.strip()),
+        projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres,elasticsearch").split(",")
+                          if p.strip()),
+        index_prefix=env.get("CASESTREAM_INDEX_PREFIX", "cases-"),
     )
 
 

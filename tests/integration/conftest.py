@@ -95,6 +95,27 @@ class Stack:
     def postgres_dsn(self) -> str:
         return os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
+    @property
+    def index_prefix(self) -> str:
+        return f"{self.db_prefix}cases-"
+
+    def index(self, tenant: str) -> str:
+        return f"{self.index_prefix}{tenant}"
+
+    def es(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One Elasticsearch REST call (JSON in, JSON out; HTTP errors returned as their body)."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.elasticsearch}{path}", method=method,
+                                     data=orjson.dumps(body) if body is not None else None,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return dict(orjson.loads(exc.read() or b"{}"), _status=exc.code)
+
     def database(self, tenant: str) -> str:
         from sinks.postgres import database_name
 
@@ -148,7 +169,8 @@ class Stack:
         env = dict(os.environ)
         env.update(KAFKA_BOOTSTRAP_SERVERS=self.kafka, ELASTICSEARCH_URL=self.elasticsearch,
                    PYTHONPATH=str(PROJECT_ROOT), CASESTREAM_STALL_SECONDS="15",
-                   CASESTREAM_DB_PREFIX=self.db_prefix, POSTGRES_DSN=self.postgres_dsn)
+                   CASESTREAM_DB_PREFIX=self.db_prefix, POSTGRES_DSN=self.postgres_dsn,
+                   CASESTREAM_INDEX_PREFIX=self.index_prefix)
         return env
 
     def topic(self, tenant: str, role: str) -> str:
@@ -258,6 +280,11 @@ def _stop_stack(stack: Stack, proc: subprocess.Popen | None) -> None:
     for w in stack.workers:
         w.stop()
     stack.drop_databases()
+    for t in load_tenants():
+        try:
+            stack.es("DELETE", f"/{stack.index(t)}")
+        except OSError:
+            pass
     if proc is not None and proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -1,0 +1,165 @@
+"""Elasticsearch indexer: one search document per case, per tenant index.
+
+The index (``cases-<tenant>`` by default) is created with an explicit
+mapping. Each batch: fetch the current documents of the batch's cases
+(``mget``), fold the new events into them with the domain's ``apply``, and
+write them in one ``bulk`` with external versioning on the case ``version``
+-- duplicates and replays are harmless, an older version never overwrites a
+newer one, and a version conflict counts as success. Documents are built
+from an allowlist of fields (never by copying the event); people appear by
+id only (names and emails are not indexed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sinks.base import Backoff, SinkRecord
+from streams.config import Tenant
+from streams.domain import cases as domain
+
+log = logging.getLogger("casestream.sinks.elasticsearch")
+
+KEYWORD = {"type": "keyword"}
+DATE = {"type": "date", "format": "epoch_millis"}
+MAPPING = {
+    "dynamic": "strict",
+    "properties": {
+        "case_id": KEYWORD, "tenant": KEYWORD, "dedup_key": KEYWORD, "status": KEYWORD,
+        "case_type": KEYWORD, "work_type": KEYWORD, "severity": KEYWORD, "priority": KEYWORD,
+        "urgency": KEYWORD, "source": KEYWORD, "project": KEYWORD, "component": KEYWORD,
+        "group": KEYWORD, "class": KEYWORD, "tags": KEYWORD, "assignee_id": KEYWORD,
+        "summary": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}},
+        "created_at": DATE, "updated_at": DATE, "last_seen_at": DATE, "status_changed_at": DATE,
+        "acknowledged_at": DATE, "resolved_at": DATE,
+        "occurrence_count": {"type": "long"}, "comment_count": {"type": "long"}, "version": {"type": "long"},
+        "time_to_acknowledge_seconds": {"type": "double"}, "time_to_resolve_seconds": {"type": "double"},
+    },
+}
+_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity", "priority",
+           "urgency", "source", "project", "component", "group", "class", "tags", "summary", "created_at",
+           "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
+           "occurrence_count", "comment_count", "version")
+
+
+def index_name(tenant: str, prefix: str = "cases-") -> str:
+    return f"{prefix}{tenant}"
+
+
+def document(case: dict) -> dict:
+    """The search document of a case: an allowlist, people by id only."""
+    doc = {f: case.get(f) for f in _FIELDS}
+    doc["tags"] = list(case.get("tags") or [])
+    doc["assignee_id"] = (case.get("assignee") or {}).get("id")
+    created = case.get("created_at")
+    ack, res = case.get("acknowledged_at"), case.get("resolved_at")
+    doc["time_to_acknowledge_seconds"] = (ack - created) / 1000 if ack is not None and created is not None else None
+    doc["time_to_resolve_seconds"] = (res - created) / 1000 if res is not None and created is not None else None
+    return doc
+
+
+def state_from_document(doc: dict) -> dict:
+    """Enough of a case, from its document, for ``apply`` of later events."""
+    state = dict(doc)
+    aid = state.pop("assignee_id", None)
+    state["assignee"] = {"id": aid, "name": None, "email": None} if aid else None
+    state.pop("time_to_acknowledge_seconds", None)
+    state.pop("time_to_resolve_seconds", None)
+    return state
+
+
+class ElasticsearchSink:
+    name = "elasticsearch"
+
+    def __init__(self, url: str, index: str, tenant: Tenant, backoff: Backoff | None = None):
+        self.url = url
+        self.index = index
+        self.tenant = tenant
+        self.backoff = backoff or Backoff()
+        self.client = None
+        self.skipped = 0
+
+    def _retry_on(self) -> tuple[type[BaseException], ...]:
+        from elasticsearch import ConnectionError as ESConnectionError, ConnectionTimeout
+
+        return (ESConnectionError, ConnectionTimeout, OSError, _Retryable)
+
+    async def open(self) -> None:
+        from elasticsearch import AsyncElasticsearch
+
+        if self.client is None:
+            self.client = AsyncElasticsearch(self.url, request_timeout=30)
+        await self.backoff.run(f"elasticsearch open {self.index}", self.ensure_index, self._retry_on())
+
+    async def ensure_index(self) -> None:
+        from elasticsearch import BadRequestError
+
+        if await self.client.indices.exists(index=self.index):
+            return
+        try:
+            await self.client.indices.create(index=self.index, mappings=MAPPING)
+        except BadRequestError as exc:
+            if "resource_already_exists" not in str(exc):
+                raise
+
+    async def write_batch(self, records: list[SinkRecord]) -> None:
+        if not records:
+            return
+        if self.client is None:
+            await self.open()
+        await self.backoff.run(f"elasticsearch bulk to {self.index}", lambda: self._write(records),
+                               self._retry_on())
+
+    async def _write(self, records: list[SinkRecord]) -> None:
+        by_case: dict[str, list[dict]] = {}
+        for r in records:
+            by_case.setdefault(r.event["case_id"], []).append(r.event)
+        ids = sorted(by_case)
+        got = await self.client.mget(index=self.index, ids=ids)
+        current = {d["_id"]: d["_source"] for d in got.body["docs"] if d.get("found")}
+        ops: list[dict] = []
+        for cid in ids:
+            doc = current.get(cid)
+            state = state_from_document(doc) if doc else None
+            version = state["version"] if state else 0
+            evs = [e for e in sorted(by_case[cid], key=lambda e: e["version"]) if e["version"] > version]
+            if not evs:
+                continue  # all already indexed: a redelivery
+            if evs[0]["version"] != version + 1:
+                self.skipped += 1
+                log.warning("%s: %s has version %d indexed, next event is %d; left for a replay",
+                            self.index, cid, version, evs[0]["version"])
+                continue
+            for e in evs:
+                if e["version"] != (state["version"] if state else 0) + 1:
+                    break
+                state = domain.apply(self.tenant, state, e)
+            ops.append({"index": {"_index": self.index, "_id": cid, "version": state["version"],
+                                  "version_type": "external"}})
+            ops.append(document(state))
+        if not ops:
+            return
+        resp = await self.client.bulk(operations=ops, refresh=False)
+        if resp.body.get("errors"):
+            for item in resp.body["items"]:
+                res = item.get("index", {})
+                status = res.get("status", 200)
+                if status == 409 or status < 300:
+                    continue  # a newer or equal version is there: success
+                if status == 429 or status >= 500:
+                    raise _Retryable(f"bulk item {res.get('_id')}: {status} {res.get('error')}")
+                self.skipped += 1
+                log.error("%s: document %s rejected (%s): %s", self.index, res.get("_id"), status, res.get("error"))
+
+    async def flush(self) -> None:
+        if self.client is not None:
+            await self.client.indices.refresh(index=self.index)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+
+class _Retryable(Exception):
+    """A bulk item failed in a way worth retrying (429, 5xx)."""
