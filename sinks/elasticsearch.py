@@ -12,7 +12,9 @@ id only (names and emails are not indexed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from sinks.base import Backoff, SinkRecord
 from streams.config import Tenant
@@ -78,6 +80,9 @@ class ElasticsearchSink:
         self.backoff = backoff or Backoff()
         self.client = None
         self.skipped = 0
+        self.refresh_every = 1.0
+        self._last_refresh = 0.0
+        self._pending_refresh: asyncio.Future | None = None
 
     def _retry_on(self) -> tuple[type[BaseException], ...]:
         from elasticsearch import ConnectionError as ESConnectionError, ConnectionTimeout
@@ -140,6 +145,7 @@ class ElasticsearchSink:
         if not ops:
             return
         resp = await self.client.bulk(operations=ops, refresh=False)
+        await self._maybe_refresh()
         if resp.body.get("errors"):
             for item in resp.body["items"]:
                 res = item.get("index", {})
@@ -151,11 +157,33 @@ class ElasticsearchSink:
                 self.skipped += 1
                 log.error("%s: document %s rejected (%s): %s", self.index, res.get("_id"), status, res.get("error"))
 
+    async def _maybe_refresh(self) -> None:
+        """Searchable within ~1 s: Elasticsearch refreshes every second by
+        default, the local stand-in never does; at most one explicit refresh
+        a second, and a trailing one after the last write."""
+        now = time.monotonic()
+        if now - self._last_refresh >= self.refresh_every:
+            self._last_refresh = now
+            await self.client.indices.refresh(index=self.index)
+        elif self._pending_refresh is None or self._pending_refresh.done():
+            self._pending_refresh = asyncio.ensure_future(self._refresh_later(self.refresh_every))
+
+    async def _refresh_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # a deliberate delay: coalesces refreshes, not a wait for a condition
+        try:
+            if self.client is not None:
+                self._last_refresh = time.monotonic()
+                await self.client.indices.refresh(index=self.index)
+        except Exception as exc:  # best effort: the next write refreshes again
+            log.warning("%s: refresh failed: %r", self.index, exc)
+
     async def flush(self) -> None:
         if self.client is not None:
             await self.client.indices.refresh(index=self.index)
 
     async def close(self) -> None:
+        if self._pending_refresh is not None and not self._pending_refresh.done():
+            self._pending_refresh.cancel()
         if self.client is not None:
             await self.client.close()
             self.client = None

@@ -365,6 +365,110 @@ def cmd_case(args, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------
+# api / search / analytics
+# --------------------------------------------------------------------------
+
+
+def cmd_api(args, settings: Settings) -> int:
+    from aiohttp import web
+
+    from streams.api import create_api
+
+    print(f"casestream api on http://{args.host}:{args.port} (tenants: "
+          f"{', '.join(sorted(load_tenants(settings.tenants_file)))})", file=sys.stderr, flush=True)
+    web.run_app(create_api(settings), host=args.host, port=args.port, print=None, access_log=None)
+    return EXIT_OK
+
+
+def _run_query(settings: Settings, fn):
+    from streams.api import NotFound, QueryService
+    from streams.query import ParamError
+
+    async def go():
+        svc = QueryService(settings)
+        try:
+            return await fn(svc)
+        finally:
+            await svc.close()
+
+    try:
+        return asyncio.run(go())
+    except ParamError as exc:
+        raise CliError(f"--{exc.param.replace('_', '-')}: {exc.why}", EXIT_USAGE) from None
+    except NotFound as exc:
+        raise CliError(str(exc)) from None
+    except (CliError, ConfigError):
+        raise
+    except Exception as exc:
+        raise CliError(f"query failed: {exc.__class__.__name__} {exc}") from None
+
+
+def cmd_search(args, settings: Settings) -> int:
+    tenant = args.tenant or settings.tenant_name
+    params: dict[str, list[str]] = {}
+    if args.query:
+        params["q"] = [" ".join(args.query)]
+    for f in ("status", "severity", "priority", "source", "project", "tag"):
+        if getattr(args, f):
+            params[f] = getattr(args, f)
+    for name, value in (("sort", args.sort), ("size", str(args.size) if args.size else None),
+                        ("cursor", args.cursor), ("created_from", args.created_from),
+                        ("created_to", args.created_to)):
+        if value:
+            params[name] = [value]
+    if args.facets:
+        params["facets"] = [args.facets]
+    result = _run_query(settings, lambda svc: svc.search(tenant, params))
+    if args.json:
+        emit_json(result)
+        return EXIT_OK
+    from datetime import datetime, timezone
+
+    def when(ms):
+        return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M") if ms else None
+
+    print_table([{"case": c["case_id"], "status": c["status"], "severity": c["severity"], "priority": c["priority"],
+                  "count": c["occurrence_count"], "created": when(c["created_at"]),
+                  "summary": (c.get("summary") or "")[:60]} for c in result["cases"]],
+                ["case", "status", "severity", "priority", "count", "created", "summary"])
+    print(f"\n{len(result['cases'])} of {result['total']} cases"
+          + (f"; next page: --cursor {result['next_cursor']}" if result["next_cursor"] else ""))
+    for facet, values in (result.get("facets") or {}).items():
+        print(f"\n{facet}:")
+        print_table(values, ["value", "count"])
+    return EXIT_OK
+
+
+def cmd_analytics(args, settings: Settings) -> int:
+    tenant = args.tenant or settings.tenant_name
+    params = {"metric": [args.metric], "interval": [args.interval]}
+    if args.group_by:
+        params["group_by"] = [args.group_by]
+    result = _run_query(settings, lambda svc: svc.analytics(tenant, params))
+    if args.json:
+        emit_json(result)
+        return EXIT_OK
+    from datetime import datetime, timezone
+
+    rows = []
+    for b in result["buckets"]:
+        start = datetime.fromtimestamp(b["start"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        for g in b.get("groups") or [None]:
+            src = g or b
+            p = src.get("percentiles_seconds") or {}
+            rows.append({"start": start, "group": g["value"] if g else "-", "count": src["count"],
+                         "mean_s": _round(src.get("mean_seconds")), "p50_s": _round(p.get("p50")),
+                         "p95_s": _round(p.get("p95")), "p99_s": _round(p.get("p99"))})
+    cols = ["start", "group", "count"] + (["mean_s", "p50_s", "p95_s", "p99_s"] if args.metric != "count" else [])
+    print_table(rows, cols)
+    return EXIT_OK
+
+
+def _round(v):
+    return None if v is None else round(v, 1)
+
+
+# --------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------
 
@@ -451,6 +555,36 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--timeline", action="store_true", help="also print every event, in version order")
     cs.add_argument("--json", action="store_true")
     cs.set_defaults(func=cmd_case)
+
+    ap = sub.add_parser("api", help="serve the search, case, timeline and analytics HTTP API",
+                        description="A stateless HTTP service over every tenant's index and database.")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.set_defaults(func=cmd_api)
+
+    se = sub.add_parser("search", help="search a tenant's cases (Elasticsearch)",
+                        description="Full-text search with filters and facets over the tenant's index.")
+    se.add_argument("query", nargs="*", help="full-text query (summary, dedup key, source, tags)")
+    se.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    for f in ("status", "severity", "priority", "source", "project", "tag"):
+        se.add_argument(f"--{f}", action="append", help=f"filter by {f} (repeat or comma-separate)")
+    se.add_argument("--facets", help="comma-separated: status,severity,priority,source,project,tags,urgency")
+    se.add_argument("--sort", help="field, - prefix for descending (default -created_at)")
+    se.add_argument("--size", type=int)
+    se.add_argument("--cursor", help="next page (printed after a page)")
+    se.add_argument("--created-from", help="RFC 3339")
+    se.add_argument("--created-to", help="RFC 3339")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_search)
+
+    an = sub.add_parser("analytics", help="case counts, time to acknowledge / resolve over time",
+                        description="count, mtta (time to acknowledge) or mttr (time to resolve) per hour or day.")
+    an.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    an.add_argument("--metric", choices=["count", "mtta", "mttr"], default="count")
+    an.add_argument("--interval", choices=["hour", "day"], default="day")
+    an.add_argument("--group-by", choices=["severity", "priority", "status", "source", "project", "urgency"])
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_analytics)
 
     d = sub.add_parser("demo", help="services, topics, a worker per tenant, a demo feed; show the case changes",
                        description="The quick start: local services up, topics, one worker per tenant, a "
