@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from streams.config import get_tenant, load_tenants, load_topics  # noqa: E402
 from streams.domain import cases as domain  # noqa: E402
 from streams.domain.intake import parse  # noqa: E402
+from streams.kafka import stop_consumer  # noqa: E402
 
 
 def feed(n: int, keys: int) -> list[bytes]:
@@ -89,7 +90,7 @@ async def _count(bootstrap: str, topic: str, want: int, deadline: float) -> int:
             await asyncio.sleep(0.05)
         return total
     finally:
-        await c.stop()
+        await stop_consumer(c)
 
 
 def bench_end_to_end(lines: list[bytes], expected_events: int) -> dict:

@@ -48,6 +48,22 @@ def index_name(tenant: str, prefix: str = "cases-") -> str:
     return f"{prefix}{tenant}"
 
 
+def concrete_index_name(alias: str) -> str:
+    from datetime import datetime, timezone
+
+    return f"{alias}-{datetime.now(timezone.utc).strftime('%Y%m%d%H%M%S%f')}"
+
+
+async def create_index(client, name: str) -> None:
+    from elasticsearch import BadRequestError
+
+    try:
+        await client.indices.create(index=name, mappings=MAPPING)
+    except BadRequestError as exc:
+        if "resource_already_exists" not in str(exc):
+            raise
+
+
 def document(case: dict) -> dict:
     """The search document of a case: an allowlist, people by id only."""
     doc = {f: case.get(f) for f in _FIELDS}
@@ -73,9 +89,11 @@ def state_from_document(doc: dict) -> dict:
 class ElasticsearchSink:
     name = "elasticsearch"
 
-    def __init__(self, url: str, index: str, tenant: Tenant, backoff: Backoff | None = None):
+    def __init__(self, url: str, index: str, tenant: Tenant, backoff: Backoff | None = None,
+                 create: bool = True):
         self.url = url
         self.index = index
+        self.create = create  # False: the index is made by someone else (a rebuild)
         self.tenant = tenant
         self.backoff = backoff or Backoff()
         self.client = None
@@ -94,18 +112,20 @@ class ElasticsearchSink:
 
         if self.client is None:
             self.client = AsyncElasticsearch(self.url, request_timeout=30)
-        await self.backoff.run(f"elasticsearch open {self.index}", self.ensure_index, self._retry_on())
+        if self.create:
+            await self.backoff.run(f"elasticsearch open {self.index}", self.ensure_index, self._retry_on())
 
     async def ensure_index(self) -> None:
-        from elasticsearch import BadRequestError
+        """The alias ``self.index`` over a concrete index (``<alias>-<utc time>``), created when absent.
 
+        Writers and readers use the alias; a rebuild fills a fresh concrete
+        index and swaps the alias (``streams/replay.py``).
+        """
         if await self.client.indices.exists(index=self.index):
             return
-        try:
-            await self.client.indices.create(index=self.index, mappings=MAPPING)
-        except BadRequestError as exc:
-            if "resource_already_exists" not in str(exc):
-                raise
+        concrete = concrete_index_name(self.index)
+        await create_index(self.client, concrete)
+        await self.client.indices.update_aliases(actions=[{"add": {"index": concrete, "alias": self.index}}])
 
     async def write_batch(self, records: list[SinkRecord]) -> None:
         if not records:

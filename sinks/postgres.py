@@ -150,7 +150,9 @@ class PostgresSink:
     name = "postgres"
     RETRY_ON: tuple[type[BaseException], ...] = (OSError,)
 
-    def __init__(self, dsn: str, database: str, tenant: Tenant, backoff: Backoff | None = None):
+    def __init__(self, dsn: str, database: str, tenant: Tenant, backoff: Backoff | None = None,
+                 track_positions: bool = True):
+        self.track_positions = track_positions  # False for replays: idempotency alone decides
         self.dsn = dsn
         self.database = database
         self.tenant = tenant
@@ -183,7 +185,7 @@ class PostgresSink:
                 'SELECT topic, partition, "offset" FROM projection_positions '
                 "WHERE (topic, partition) IN (SELECT * FROM unnest($1::text[], $2::int[])) FOR UPDATE",
                 [t for t, _ in parts], [p for _, p in parts])
-            stored = {(r["topic"], r["partition"]): r["offset"] for r in rows}
+            stored = {(r["topic"], r["partition"]): r["offset"] for r in rows} if self.track_positions else {}
             fresh = [r for r in records if r.offset > stored.get((r.topic, r.partition), -1)]
             if not fresh:
                 return
@@ -192,6 +194,8 @@ class PostgresSink:
                  orjson.dumps(e.get("actor")).decode(), orjson.dumps(e).decode())
                 for e in (r.event for r in fresh)])
             await self._fold(conn, [r.event for r in fresh])
+            if not self.track_positions:
+                return
             top: dict[tuple[str, int], int] = {}
             for r in fresh:
                 top[(r.topic, r.partition)] = max(r.offset, top.get((r.topic, r.partition), -1))
@@ -235,6 +239,11 @@ class PostgresSink:
             "ON CONFLICT (case_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state "
             "WHERE case_states.version < EXCLUDED.version",
             [(s["case_id"], s["version"], orjson.dumps(s).decode()) for s in new_states])
+
+    async def truncate(self) -> None:
+        """Empty the projection (a rebuild starts here)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("TRUNCATE cases, case_states, timeline, projection_positions")
 
     async def flush(self) -> None:
         return None  # every write_batch commits

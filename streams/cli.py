@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import orjson
 
+from streams.kafka import stop_consumer
 from streams.config import ConfigError, get_tenant, load_tenants, load_topics
 from streams.settings import Settings, default_instance_id, load_settings
 
@@ -262,7 +263,7 @@ async def read_topic(bootstrap: str, topic: str, *, from_beginning: bool, max_me
             if idle_timeout is not None and loop.time() - last > idle_timeout:
                 return seen
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 def decode_record(rec, kind: str) -> dict:
@@ -469,6 +470,35 @@ def _round(v):
 
 
 # --------------------------------------------------------------------------
+# replay
+# --------------------------------------------------------------------------
+
+
+def cmd_replay(args, settings: Settings) -> int:
+    from streams.replay import replay
+
+    tenant = get_tenant(args.tenant or settings.tenant_name, settings.tenants_file)
+    sinks = ["postgres", "elasticsearch"] if args.sink == "all" else [args.sink]
+    try:
+        results = asyncio.run(replay(settings, tenant, sinks, rebuild=args.from_beginning,
+                                     progress=None if not args.json else False))
+    except Exception as exc:
+        raise CliError(f"replay failed: {exc.__class__.__name__} {exc}") from None
+    rows = [{"sink": r.sink, "target": r.target, "events": r.events, "caught_up": r.caught_up,
+             "seconds": r.seconds, "notes": "; ".join(r.notes)} for r in results]
+    if args.json:
+        emit_json(rows)
+    else:
+        print_table(rows, ["sink", "target", "events", "caught_up", "seconds", "notes"])
+    return EXIT_OK
+
+
+def cmd_reindex(args, settings: Settings) -> int:
+    args.sink, args.from_beginning = "elasticsearch", True
+    return cmd_replay(args, settings)
+
+
+# --------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------
 
@@ -585,6 +615,22 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--group-by", choices=["severity", "priority", "status", "source", "project", "urgency"])
     an.add_argument("--json", action="store_true")
     an.set_defaults(func=cmd_analytics)
+
+    rp = sub.add_parser("replay", help="rebuild or repair projections from T.domain-events",
+                        description="--from-beginning rebuilds (Elasticsearch: a fresh index, then an alias swap; "
+                                    "PostgreSQL: truncate and refill); without it the log is re-applied to the live "
+                                    "projections (idempotent repair).")
+    rp.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    rp.add_argument("--sink", choices=["elasticsearch", "postgres", "all"], default="all")
+    rp.add_argument("--from-beginning", action="store_true", help="rebuild from scratch")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_replay)
+
+    ri = sub.add_parser("reindex", help="rebuild the Elasticsearch index (replay --sink elasticsearch --from-beginning)",
+                        description="Rebuild the tenant's index into a fresh one and swap the alias.")
+    ri.add_argument("--tenant", help="default: TENANT_NAME, else case-management")
+    ri.add_argument("--json", action="store_true")
+    ri.set_defaults(func=cmd_reindex)
 
     d = sub.add_parser("demo", help="services, topics, a worker per tenant, a demo feed; show the case changes",
                        description="The quick start: local services up, topics, one worker per tenant, a "

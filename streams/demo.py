@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from streams.kafka import stop_consumer
 from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
 from streams.domain import cases as domain
 from streams.domain.intake import Rejection, parse
@@ -92,7 +93,7 @@ async def _end_offsets(settings: Settings, topics: list[str]) -> dict:
         tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
         return await consumer.end_offsets(tps)
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def _collect(settings: Settings, start: dict, want: int, deadline: float) -> list:
@@ -116,7 +117,7 @@ async def _collect(settings: Settings, start: dict, want: int, deadline: float) 
                 tenant = tp.topic.rsplit(".", 1)[0]
                 got.extend((f"{tenant} {kind}", decode_record(rec, kind)) for rec in recs)
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
     return got
 
 

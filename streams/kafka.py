@@ -47,3 +47,20 @@ async def create_topics(bootstrap: str, families: list[TopicFamily]) -> list[Top
         return results
     finally:
         await admin.close()
+
+
+async def stop_consumer(consumer) -> None:
+    """Stop an aiokafka consumer, tolerating its own cancelled background task.
+
+    aiokafka 0.14 can raise CancelledError from ``stop()`` (its coordinator
+    awaits a task it has just cancelled) after ``end_offsets``; that is not a
+    cancellation of ours, so it is swallowed unless our task is cancelling.
+    """
+    import asyncio
+
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise

@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from streams.kafka import stop_consumer
 import schemas
 from streams.config import PROJECT_ROOT, load_tenants, load_topics
 from streams.kafka import create_topics
@@ -115,6 +116,13 @@ class Stack:
                 return orjson.loads(r.read())
         except urllib.error.HTTPError as exc:
             return dict(orjson.loads(exc.read() or b"{}"), _status=exc.code)
+
+    def es_drop(self, name: str) -> None:
+        """Delete an index, or every index behind an alias."""
+        aliased = self.es("GET", f"/_alias/{name}")
+        targets = [k for k in aliased if not k.startswith("_") and k not in ("error", "status")] or [name]
+        for t in targets:
+            self.es("DELETE", f"/{t}")
 
     def database(self, tenant: str) -> str:
         from sinks.postgres import database_name
@@ -260,7 +268,7 @@ class Stack:
                                          f" (wanted {count if count is not None else 'until()'}): "
                                          f"{[(r.get('type') or r.get('reason')) for r in found]}")
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
 
 
 def _start_stack(base: Path) -> tuple[Stack, subprocess.Popen | None]:
@@ -282,7 +290,7 @@ def _stop_stack(stack: Stack, proc: subprocess.Popen | None) -> None:
     stack.drop_databases()
     for t in load_tenants():
         try:
-            stack.es("DELETE", f"/{stack.index(t)}")
+            stack.es_drop(stack.index(t))
         except OSError:
             pass
     if proc is not None and proc.poll() is None:

@@ -36,7 +36,9 @@ def test_cases_become_documents(stack, run_id):
     flat = str(src)
     assert "Private Name" not in flat and "private@example.com" not in flat and "not indexed" not in flat
     mapping = stack.es("GET", f"/{stack.index('on-call')}/_mapping")
-    assert mapping[stack.index("on-call")]["mappings"]["properties"]["summary"] == MAPPING["properties"]["summary"]
+    (concrete, body), = mapping.items()  # the alias points at one concrete index
+    assert concrete.startswith(stack.index("on-call") + "-")
+    assert body["mappings"]["properties"]["summary"] == MAPPING["properties"]["summary"]
     # the other tenant's index never sees it
     other = stack.es("GET", f"/{stack.index('case-management')}/_doc/{case_id}")
     assert not other.get("found")
@@ -71,4 +73,4 @@ def test_duplicates_and_older_versions_never_overwrite(stack, run_id):
         assert skipped == 0
         assert doc["_version"] == 3 and doc["_source"]["occurrence_count"] == 3 and doc["_source"]["version"] == 3
     finally:
-        stack.es("DELETE", f"/{index}")
+        stack.es_drop(index)
