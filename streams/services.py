@@ -109,6 +109,17 @@ class LocalServices:
         raise ServiceError(f"{', '.join(down)} did not answer within {timeout:.0f}s "
                            f"(kafka {self.kafka}, elasticsearch {self.elasticsearch})")
 
+    def stop_service(self, name: str) -> None:
+        """Stop one service of the running server (its data is kept)."""
+        proc = subprocess.run(self._args("stop", name), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServiceError(f"noida-db stop {name} failed: {_clean(proc.stderr or proc.stdout)}")
+
+    def start_service(self, name: str) -> None:
+        proc = subprocess.run(self._args("start", name), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServiceError(f"noida-db start {name} failed: {_clean(proc.stderr or proc.stdout)}")
+
     def down(self) -> None:
         proc = subprocess.run(self._args("down"), capture_output=True, text=True)
         if proc.returncode != 0 and any(self.running().values()):

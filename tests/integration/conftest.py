@@ -90,6 +90,7 @@ class Stack:
     elasticsearch: str
     base_dir: Path
     workers: list[Worker] = field(default_factory=list)
+    services: LocalServices | None = None
     db_prefix: str = field(default_factory=lambda: f"cstest_{uuid.uuid4().hex[:8]}_")
 
     @property
@@ -280,6 +281,7 @@ def _start_stack(base: Path) -> tuple[Stack, subprocess.Popen | None]:
     proc = svc.start_foreground(base / "services.log")
     svc.wait(timeout=60)
     stack = Stack(svc.kafka, svc.elasticsearch, base)
+    stack.services = svc
     stack.create_topics()
     return stack, proc
 
