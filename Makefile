@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test unit integration bench services-up services-down clean
+.PHONY: install run test unit integration bench bench-projections services-up services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake_bench.py
+
+bench-projections: $(STAMP)
+	$(BIN)/python bench/projections_bench.py
 
 services-up: $(STAMP)
 	$(BIN)/casestream services up
