@@ -5,12 +5,14 @@ One database per tenant on the server of ``POSTGRES_DSN``
 ``_``), created when absent, with versioned migrations from
 ``sinks/migrations/postgres`` recorded in ``schema_migrations``.
 
-``write_batch`` runs one transaction: it skips records at or below the
-stored consumer position of their partition, inserts timeline rows (unique
-on ``(case_id, version)``), folds the new events into the case rows with the
-domain's own ``apply`` (rebuilding a case from its timeline when versions
-arrive out of order), and stores the new positions -- so a crash between
-write and commit neither loses nor doubles anything.
+``write_batch`` runs one transaction: it inserts timeline rows (unique on
+``(case_id, version)``: a redelivered event is a no-op), folds the new
+events into the case rows with the domain's own ``apply`` (events at or
+below a case's version are skipped; a case is rebuilt from its timeline
+when versions arrive out of order), and stores the partition positions
+reached -- so a crash between write and commit neither loses nor doubles
+anything. Positions are a record of progress, not a filter: skipping by
+offset would silently drop a recreated topic's events.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class PostgresSink:
 
     def __init__(self, dsn: str, database: str, tenant: Tenant, backoff: Backoff | None = None,
                  track_positions: bool = True):
-        self.track_positions = track_positions  # False for replays: idempotency alone decides
+        self.track_positions = track_positions  # False for replays: they do not move the live position
         self.dsn = dsn
         self.database = database
         self.tenant = tenant
@@ -180,29 +182,20 @@ class PostgresSink:
 
     async def _write(self, records: list[SinkRecord]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            parts = sorted({(r.topic, r.partition) for r in records})
-            rows = await conn.fetch(
-                'SELECT topic, partition, "offset" FROM projection_positions '
-                "WHERE (topic, partition) IN (SELECT * FROM unnest($1::text[], $2::int[])) FOR UPDATE",
-                [t for t, _ in parts], [p for _, p in parts])
-            stored = {(r["topic"], r["partition"]): r["offset"] for r in rows} if self.track_positions else {}
-            fresh = [r for r in records if r.offset > stored.get((r.topic, r.partition), -1)]
-            if not fresh:
-                return
             await conn.executemany(_TIMELINE_INSERT, [
                 (e["case_id"], e["version"], e["event_id"], e["type"], _ts(e["occurred_at"]), e["caused_by"],
                  orjson.dumps(e.get("actor")).decode(), orjson.dumps(e).decode())
-                for e in (r.event for r in fresh)])
-            await self._fold(conn, [r.event for r in fresh])
+                for e in (r.event for r in records)])
+            await self._fold(conn, [r.event for r in records])
             if not self.track_positions:
                 return
-            top: dict[tuple[str, int], int] = {}
-            for r in fresh:
-                top[(r.topic, r.partition)] = max(r.offset, top.get((r.topic, r.partition), -1))
+            last: dict[tuple[str, int], int] = {}
+            for r in records:
+                last[(r.topic, r.partition)] = max(r.offset, last.get((r.topic, r.partition), -1))
             await conn.executemany(
                 'INSERT INTO projection_positions (topic, partition, "offset") VALUES ($1, $2, $3) '
-                'ON CONFLICT (topic, partition) DO UPDATE SET "offset" = GREATEST(projection_positions."offset", '
-                'EXCLUDED."offset")', [(t, p, o) for (t, p), o in top.items()])
+                'ON CONFLICT (topic, partition) DO UPDATE SET "offset" = EXCLUDED."offset"',
+                [(t, p, o) for (t, p), o in last.items()])
 
     async def _fold(self, conn, events: list[dict]) -> None:
         by_case: dict[str, list[dict]] = {}

@@ -121,6 +121,35 @@ async def _collect(settings: Settings, start: dict, want: int, deadline: float) 
     return got
 
 
+async def _reset_projections(settings: Settings, tenant: str) -> None:
+    import asyncpg
+    from elasticsearch import AsyncElasticsearch
+
+    from sinks.postgres import database_name
+
+    try:
+        conn = await asyncpg.connect(settings.postgres_dsn, database=database_name(tenant, settings.db_prefix))
+    except (OSError, asyncpg.PostgresError):
+        conn = None  # no database yet: nothing to reset
+    if conn is not None:
+        try:
+            await conn.execute("TRUNCATE cases, case_states, timeline, projection_positions")
+        except asyncpg.PostgresError:
+            pass  # not migrated yet
+        finally:
+            await conn.close()
+    es = AsyncElasticsearch(settings.elasticsearch_url)
+    try:
+        alias = index_name(tenant, settings.index_prefix)
+        if await es.indices.exists_alias(name=alias):
+            for concrete in (await es.indices.get_alias(name=alias)).body:
+                await es.indices.delete(index=concrete)
+        elif await es.indices.exists(index=alias):
+            await es.indices.delete(index=alias)
+    finally:
+        await es.close()
+
+
 async def _wait_projected(settings: Settings, got: list, deadline: float) -> dict[str, tuple[int, int]]:
     """Poll each tenant's timeline until it holds the demo's domain events."""
     import asyncpg
@@ -201,10 +230,13 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
     results = asyncio.run(create_topics(settings.kafka_bootstrap_servers, list(families.values())))
     fresh = {r.name for r in results if r.created}
     for t, fam in families.items():
-        if fam.name("intake") in fresh and settings.store_dir(t).exists():
-            # Kafka was reset (the local stand-in keeps records in memory):
-            # the local table stores describe a log that no longer exists.
-            shutil.rmtree(settings.store_dir(t))
+        if fam.name("intake") in fresh:
+            # Kafka was reset (the local stand-in keeps records in memory): the
+            # local table stores and the projections describe a log that no
+            # longer exists; projections are functions of the log, so start over.
+            if settings.store_dir(t).exists():
+                shutil.rmtree(settings.store_dir(t))
+            asyncio.run(_reset_projections(settings, t))
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     say(f"3/5 one worker per tenant (logs in {logs}) ...")
