@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--rate-seconds", type=float, default=20.0)
     ap.add_argument("--ceiling-events", type=int, default=50_000)
+    ap.add_argument("--split", action="store_true",
+                    help="run intake and projections as two worker processes (--role) instead of one")
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="casestream-bench-"))
@@ -214,13 +216,18 @@ def main() -> None:
                POSTGRES_DSN=dsn, CASESTREAM_DATA_DIR=str(base / "data"), CASESTREAM_DB_PREFIX=prefix,
                CASESTREAM_INDEX_PREFIX=f"{prefix}cases-")
     worker = None
+    extra = None
     try:
         svc.wait(60)
         asyncio.run(create_topics(svc.kafka, [load_topics(t) for t in load_tenants()]))
         fam = load_topics(TENANT)
-        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--tenant", TENANT,
+        roles = ["intake", "projections"] if args.split else ["all"]
+        procs = [subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--tenant", TENANT, "--role", r,
                                    "--loglevel", "warning"], env=env, cwd=str(ROOT),
-                                  stdout=open(base / "worker.log", "wb"), stderr=subprocess.STDOUT)
+                                  stdout=open(base / f"worker-{r}.log", "wb"), stderr=subprocess.STDOUT)
+                 for r in roles]
+        worker, extra = procs[0], (procs[1] if len(procs) > 1 else None)
+        print(f"workers: {', '.join(roles)}", flush=True)
         run = uuid.uuid4().hex[:6]
         lines = workload(args.events, args.open_keys, run)
         n_events, latest = expected(lines)
@@ -229,18 +236,20 @@ def main() -> None:
         print(f"throughput: {result}", flush=True)
         lat = asyncio.run(_latency(svc, fam, prefix, args.rate, args.rate_seconds))
         print(f"latency at {args.rate:.0f}/s offered for {args.rate_seconds:.0f}s: {lat}", flush=True)
-        hwm = next((ln.split()[1] for ln in Path(f"/proc/{worker.pid}/status").read_text().splitlines()
-                    if ln.startswith("VmHWM")), "?")
-        print(f"worker peak RSS: {int(hwm) // 1024} MiB", flush=True)
+        for proc in filter(None, (worker, extra)):
+            hwm = next((ln.split()[1] for ln in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                        if ln.startswith("VmHWM")), "0")
+            print(f"worker {proc.args[proc.args.index('--role') + 1]} peak RSS: {int(hwm) // 1024} MiB", flush=True)
         bare = asyncio.run(bare_aiokafka(svc.kafka, args.ceiling_events))
         noop = asyncio.run(faust_noop(svc.kafka, args.ceiling_events, base))
         e2e = result["events_per_s"]
         print(f"ceilings: bare aiokafka {bare:,.0f} msg/s (pipeline = {e2e / bare:.1%}), "
               f"no-op Faust agent {noop:,.0f} msg/s (pipeline = {e2e / noop:.1%})", flush=True)
     finally:
-        if worker and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(30)
+        for proc in filter(None, (worker, extra)):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
         os.killpg(noida.pid, signal.SIGTERM)
         noida.wait(20)
         asyncio.run(_drop(dsn, prefix))

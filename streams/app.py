@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import faust
 
-from streams.config import Tenant, TopicFamily, get_tenant, load_topics
+from streams.config import ConfigError, Tenant, TopicFamily, get_tenant, load_topics
 from streams.settings import Settings, default_instance_id
 
 
@@ -27,8 +27,11 @@ class Topology:
     routed: faust.TopicT
     domain_events: faust.TopicT
     dlq: faust.TopicT
-    keys: faust.Table
-    case_keys: faust.Table
+    keys: faust.Table | None
+    case_keys: faust.Table | None
+
+
+ROLES = ("all", "intake", "projections")
 
 
 def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
@@ -37,14 +40,24 @@ def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
 
 
 def create_app(settings: Settings, tenant_name: str | None = None, *,
-               instance_id: str | None = None) -> Topology:
+               instance_id: str | None = None, role: str = "all") -> Topology:
+    """The worker of one tenant. ``role``: ``all`` (intake and projections in
+    one process), ``intake`` (route + apply, owns the tables), or
+    ``projections`` (the sink agents only, as their own Faust app and consumer
+    group ``<app id>-projections``, so they can run in another process)."""
+    if role not in ROLES:
+        raise ConfigError(f"unknown worker role '{role}'; use one of {', '.join(ROLES)}")
     name = tenant_name or settings.tenant_name
     tenant = get_tenant(name, settings.tenants_file)
     family = load_topics(tenant.name, settings.topics_file)
-    store_dir = settings.store_dir(tenant.name)
+    app_id = family.app_id if role != "projections" else f"{family.app_id}-projections"
+    store_dir = settings.store_dir(tenant.name) / ("" if role != "projections" else "projections")
     store_dir.mkdir(parents=True, exist_ok=True)
+    iid = instance_id or default_instance_id(tenant.name)
+    if role == "projections" and not instance_id:
+        iid += "-projections"
     app = faust.App(
-        family.app_id,
+        app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_servers],
         store="rocksdb://",
         datadir=str(store_dir),
@@ -52,7 +65,7 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         topic_replication_factor=family.replication_factor,
         topic_allow_declare=True,
         processing_guarantee="at_least_once",
-        consumer_group_instance_id=instance_id or default_instance_id(tenant.name),
+        consumer_group_instance_id=iid,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         # batch outputs: without linger every buffered send is its own request
@@ -63,6 +76,7 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         table_cleanup_interval=60.0,
     )
     table_opts = {"driver": "rocksdict"}
+    has_intake = role in ("all", "intake")
     topo = Topology(
         tenant=tenant,
         family=family,
@@ -73,15 +87,20 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         dlq=_raw_topic(app, family.name("dlq")),
         keys=app.Table("keys", default=None, key_type=bytes, value_type=bytes,
                        options=table_opts,
-                       help="dedup key -> its cases, open case, seen intake ids and their outputs"),
+                       help="dedup key -> its cases, open case, seen intake ids and their outputs")
+        if has_intake else None,
         case_keys=app.Table("case_keys", default=None, key_type=bytes, value_type=bytes,
-                            options=table_opts, help="case id -> dedup key (write-once index)"),
+                            options=table_opts, help="case id -> dedup key (write-once index)")
+        if has_intake else None,
     )
     from agents import intake  # agents are thin shells over streams.domain
-    intake.register(topo)
-    from agents import projections
-    from sinks import build_sinks
 
-    projections.register(topo, build_sinks(settings, tenant))
-    intake.register_health(topo, settings.kafka_bootstrap_servers, stall_seconds=settings.stall_seconds)
+    if has_intake:
+        intake.register(topo)
+        intake.register_health(topo, settings.kafka_bootstrap_servers, stall_seconds=settings.stall_seconds)
+    if role in ("all", "projections"):
+        from agents import projections
+        from sinks import build_sinks
+
+        projections.register(topo, build_sinks(settings, tenant))
     return topo

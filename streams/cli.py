@@ -152,7 +152,8 @@ def cmd_worker(args, settings: Settings) -> int:
 
     tenant = args.tenant or settings.tenant_name
     get_tenant(tenant, settings.tenants_file)  # unknown tenant: clear error before anything starts
-    topo = create_app(settings, tenant, instance_id=args.instance_id)
+    topo = create_app(settings, tenant, instance_id=args.instance_id,
+                      role=args.role or os.environ.get("CASESTREAM_ROLE", "all"))
     port = args.metrics_port if args.metrics_port is not None else int(os.environ.get("CASESTREAM_METRICS_PORT", "0"))
     if port:
         metrics.serve(port)
@@ -548,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: <tenant>-<hostname>)")
     w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
                                                     "(default: CASESTREAM_METRICS_PORT, else off)")
+    w.add_argument("--role", choices=["all", "intake", "projections"],
+                   help="all (default; CASESTREAM_ROLE): intake and projections in one process; intake: route + "
+                        "apply; projections: the sink agents only, in their own consumer group")
     w.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
     w.set_defaults(func=cmd_worker)
 

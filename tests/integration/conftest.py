@@ -44,10 +44,12 @@ class Worker:
     proc: subprocess.Popen | None = None
     restarts: int = 0
 
+    role: str = "all"
+
     def start(self) -> "Worker":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--tenant", self.tenant,
+            [sys.executable, "-m", "streams.cli", "worker", "--tenant", self.tenant, "--role", self.role,
              "--instance-id", self.instance_id, "--metrics-port", str(self.metrics_port)],
             env=dict(self.env, CASESTREAM_DATA_DIR=str(self.data_dir)),
             stdout=log, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT), start_new_session=True)
@@ -189,10 +191,11 @@ class Stack:
         fams = [load_topics(t) for t in load_tenants()]
         asyncio.run(create_topics(self.kafka, fams))
 
-    def worker(self, tenant: str, *, instance_id: str | None = None, data_dir: Path | None = None) -> Worker:
-        iid = instance_id or f"test-{tenant}-{uuid.uuid4().hex[:6]}"
+    def worker(self, tenant: str, *, instance_id: str | None = None, data_dir: Path | None = None,
+               role: str = "all") -> Worker:
+        iid = instance_id or f"test-{tenant}-{role}-{uuid.uuid4().hex[:6]}"
         ddir = data_dir or (self.base_dir / iid)
-        w = Worker(tenant, iid, ddir, self.env, self.base_dir / f"{iid}.log", free_port())
+        w = Worker(tenant, iid, ddir, self.env, self.base_dir / f"{iid}.log", free_port(), role=role)
         self.workers.append(w)
         return w.start()
 

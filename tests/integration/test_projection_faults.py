@@ -77,3 +77,32 @@ def test_elasticsearch_down_then_back_catches_up(fresh_stack, run_id):
                what="the index to catch up")
     docs = stack.es("POST", f"/{stack.index(tenant)}/_mget", {"ids": sorted(latest)})["docs"]
     assert {d["_source"]["occurrence_count"] for d in docs} == {2}
+
+
+def test_intake_and_projections_as_separate_workers(fresh_stack, run_id):
+    stack, tenant = fresh_stack, "on-call"
+    intake = stack.worker(tenant, role="intake")
+    projector = stack.worker(tenant, role="projections")
+    keys = [f"{run_id}/s{i}" for i in range(30)]
+    stack.send(tenant, [{"event_id": f"{run_id}-{k}", "action": "trigger", "dedup_key": k, "summary": "x"}
+                        for k in keys])
+    _, latest = _expected(stack, tenant, run_id, len(keys))
+    stack.poll(lambda: _projected(stack, tenant, latest), lambda got: got == latest, what="PostgreSQL")
+    stack.poll(lambda: _indexed(stack, tenant, latest), lambda got: got == latest, what="Elasticsearch")
+    # the projections worker owns no tables: no changelog topics of its own
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def topics():
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
+        await admin.start()
+        try:
+            return await admin.list_topics()
+        finally:
+            await admin.close()
+
+    names = asyncio.run(topics())
+    assert "casestream-on-call-keys-changelog" in names
+    assert not [t for t in names if t.startswith("casestream-on-call-projections-") and t.endswith("-changelog")]
+    assert intake.alive() and projector.alive()
