@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.kafka import stop_consumer
+from streams.kafka import end_offsets, stop_consumer
 from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
 from streams.domain import cases as domain
 from streams.domain.intake import Rejection, parse
@@ -81,19 +81,6 @@ def _describe(e: dict) -> str:
     if t == "PriorityChanged":
         return f"{e.get('from_priority') or '-'} -> {e['to_priority']}"
     return ""
-
-
-async def _end_offsets(settings: Settings, topics: list[str]) -> dict:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-        return await consumer.end_offsets(tps)
-    finally:
-        await stop_consumer(consumer)
 
 
 async def _collect(settings: Settings, start: dict, want: int, deadline: float) -> list:
@@ -252,7 +239,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
         run = f"demo-{int(time.time())}"
         want = 0
         outputs = [families[t].name(r) for t in tenants for r in ("domain-events", "dlq")]
-        start = asyncio.run(_end_offsets(settings, outputs))
+        start = asyncio.run(end_offsets(settings.kafka_bootstrap_servers, outputs))
         say(f"4/5 demo feeds (run {run}) ...")
         for t in tenants:
             feed = DEMO_DIR / f"{t}.jsonl"

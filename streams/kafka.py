@@ -64,3 +64,22 @@ async def stop_consumer(consumer) -> None:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
+
+
+async def end_offsets(bootstrap: str, topics: list[str]) -> dict:
+    """TopicPartition -> end offset, for every partition of ``topics`` (each must exist)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = []
+        for topic in topics:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                raise RuntimeError(f"topic {topic} does not exist; run 'casestream topics create'")
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        return await consumer.end_offsets(tps)
+    finally:
+        await stop_consumer(consumer)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from streams.kafka import stop_consumer
+from streams.kafka import end_offsets, stop_consumer
 import schemas
 from sinks.base import SinkRecord
 from streams.config import Tenant, load_topics
@@ -102,28 +102,13 @@ async def _read_log(bootstrap: str, topic: str, start: dict | None, end: dict,
         await stop_consumer(consumer)
 
 
-async def _end_offsets(bootstrap: str, topic: str) -> dict:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise RuntimeError(f"topic {topic} does not exist; run 'casestream topics create'")
-        return await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(parts)])
-    finally:
-        await stop_consumer(consumer)
-
-
 async def replay(settings: Settings, tenant: Tenant, sinks: list[str], *, rebuild: bool,
                  progress: bool | None = None) -> list[ReplayResult]:
     topic = load_topics(tenant.name, settings.topics_file).name("domain-events")
     results = []
     for name in sinks:
         started = time.monotonic()
-        end = await _end_offsets(settings.kafka_bootstrap_servers, topic)
+        end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
         total = sum(end.values())
         bar = Progress(f"{name} {tenant.name}", total, progress)
         if name == "elasticsearch":
@@ -147,25 +132,13 @@ async def _replay_elasticsearch(settings, tenant, topic, end, rebuild, bar) -> R
     client = AsyncElasticsearch(settings.elasticsearch_url, request_timeout=60)
     try:
         if not rebuild:
-            sink = ElasticsearchSink(settings.elasticsearch_url, alias, tenant)
-            await sink.open()
-            try:
-                result.events = await _read_log(settings.kafka_bootstrap_servers, topic, None, end,
-                                                lambda recs: _feed(sink, recs, bar))
-                await sink.flush()
-            finally:
-                await sink.close()
+            result.events = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant),
+                                        topic, None, end, bar)
             return result
         concrete = concrete_index_name(alias)
         await create_index(client, concrete)
-        sink = ElasticsearchSink(settings.elasticsearch_url, concrete, tenant, create=False)
-        await sink.open()
-        try:
-            result.events = await _read_log(settings.kafka_bootstrap_servers, topic, None, end,
-                                            lambda recs: _feed(sink, recs, bar))
-            await sink.flush()
-        finally:
-            await sink.close()
+        result.events = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, concrete, tenant,
+                                                                create=False), topic, None, end, bar)
         old = []
         if await client.indices.exists_alias(name=alias):
             old = sorted((await client.indices.get_alias(name=alias)).body)
@@ -184,15 +157,9 @@ async def _replay_elasticsearch(settings, tenant, topic, end, rebuild, bar) -> R
         result.target = f"{alias} -> {concrete}"
         result.notes.append(f"replaced {', '.join(old) or 'nothing'}")
         # what arrived while rebuilding went to the old index: re-apply it to the new one
-        now_end = await _end_offsets(settings.kafka_bootstrap_servers, topic)
-        live = ElasticsearchSink(settings.elasticsearch_url, alias, tenant, create=False)
-        await live.open()
-        try:
-            result.caught_up = await _read_log(settings.kafka_bootstrap_servers, topic, end, now_end,
-                                               lambda recs: live.write_batch(recs))
-            await live.flush()
-        finally:
-            await live.close()
+        now_end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
+        result.caught_up = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant,
+                                                                   create=False), topic, end, now_end, None)
         return result
     finally:
         await client.close()
@@ -203,22 +170,33 @@ async def _replay_postgres(settings, tenant, topic, end, rebuild, bar) -> Replay
 
     db = database_name(tenant.name, settings.db_prefix)
     result = ReplayResult("postgres", target=db)
-    sink = PostgresSink(settings.postgres_dsn, db, tenant, track_positions=False)
-    await sink.open()
-    try:
-        if rebuild:
+    if rebuild:
+        sink = PostgresSink(settings.postgres_dsn, db, tenant)
+        await sink.open()
+        try:
             await sink.truncate()
-            result.notes.append("truncated")
-        result.events = await _read_log(settings.kafka_bootstrap_servers, topic, None, end,
-                                        lambda recs: _feed(sink, recs, bar))
-        now_end = await _end_offsets(settings.kafka_bootstrap_servers, topic)
-        result.caught_up = await _read_log(settings.kafka_bootstrap_servers, topic, end, now_end,
-                                           lambda recs: sink.write_batch(recs))
-    finally:
-        await sink.close()
+        finally:
+            await sink.close()
+        result.notes.append("truncated")
+    result.events = await _fill(settings, PostgresSink(settings.postgres_dsn, db, tenant, track_positions=False),
+                                topic, None, end, bar)
+    now_end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
+    result.caught_up = await _fill(settings, PostgresSink(settings.postgres_dsn, db, tenant, track_positions=False),
+                                   topic, end, now_end, None)
     return result
 
 
-async def _feed(sink, records: list[SinkRecord], bar: Progress) -> None:
-    await sink.write_batch(records)
-    bar.advance(len(records))
+async def _fill(settings, sink, topic: str, start: dict | None, end: dict, bar: Progress | None) -> int:
+    """Open ``sink``, feed it the log from ``start`` to ``end``, flush and close it; the count fed."""
+    async def feed(records: list[SinkRecord]) -> None:
+        await sink.write_batch(records)
+        if bar is not None:
+            bar.advance(len(records))
+
+    await sink.open()
+    try:
+        n = await _read_log(settings.kafka_bootstrap_servers, topic, start, end, feed)
+        await sink.flush()
+        return n
+    finally:
+        await sink.close()
