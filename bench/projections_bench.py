@@ -214,7 +214,7 @@ def main() -> None:
     dsn = os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, ELASTICSEARCH_URL=svc.elasticsearch,
                POSTGRES_DSN=dsn, CASESTREAM_DATA_DIR=str(base / "data"), CASESTREAM_DB_PREFIX=prefix,
-               CASESTREAM_INDEX_PREFIX=f"{prefix}cases-")
+               CASESTREAM_INDEX_PREFIX=prefix)
     worker = None
     extra = None
     try:

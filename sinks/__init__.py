@@ -22,7 +22,7 @@ def build_sinks(settings, tenant) -> list[Sink]:
         elif name == "elasticsearch":
             from sinks.elasticsearch import ElasticsearchSink, index_name
 
-            sinks.append(ElasticsearchSink(settings.elasticsearch_url, index_name(tenant.name, settings.index_prefix),
+            sinks.append(ElasticsearchSink(settings.elasticsearch_url, index_name(tenant, settings.index_prefix),
                                            tenant))
         else:
             raise ConfigError(f"CASESTREAM_PROJECTIONS: unknown sink '{name}'; known sinks: {', '.join(KNOWN)}")

@@ -44,8 +44,9 @@ _FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type",
            "occurrence_count", "comment_count", "version")
 
 
-def index_name(tenant: str, prefix: str = "cases-") -> str:
-    return f"{prefix}{tenant}"
+def index_name(tenant: Tenant, prefix: str = "") -> str:
+    """The tenant's index (an alias): ``index`` from tenants.yaml, else ``cases-<tenant>``, after ``prefix``."""
+    return f"{prefix}{tenant.index or f'cases-{tenant.name}'}"
 
 
 def concrete_index_name(alias: str) -> str:

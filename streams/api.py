@@ -67,7 +67,7 @@ class QueryService:
         return self._pools[tenant]
 
     def index(self, tenant: str) -> str:
-        return index_name(tenant, self.settings.index_prefix)
+        return index_name(self.tenants[tenant], self.settings.index_prefix)
 
     async def _search(self, tenant: str, body: dict) -> dict | None:
         from elasticsearch import NotFoundError

@@ -147,6 +147,7 @@ class Tenant:
     final_status: str
     transitions: dict[str, frozenset[str]]
     actions: dict[str, str]  # acknowledge/resolve -> status
+    index: str | None = None  # Elasticsearch index (alias) name; default cases-<tenant>
 
     def is_open(self, status: str) -> bool:
         return status != self.final_status
@@ -156,7 +157,7 @@ class Tenant:
 
 
 _TENANT_KEYS = {
-    "display_name", "case_type", "work_type", "case_id_prefix", "statuses",
+    "index", "display_name", "case_type", "work_type", "case_id_prefix", "statuses",
     "default_status", "final_status", "transitions", "actions",
 }
 
@@ -214,7 +215,14 @@ def _parse_tenant(name: str, node: _Node) -> Tenant:
     prefix = _str(_req(m, node, "case_id_prefix", what), f"{what}: case_id_prefix")
     if not re.fullmatch(r"[A-Z]{1,8}", prefix):
         raise m["case_id_prefix"].error(f"{what}: case_id_prefix must be 1-8 upper-case letters, got {prefix!r}")
+    index = None
+    if "index" in m:
+        index = _str(m["index"], f"{what}: index")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,200}", index):
+            raise m["index"].error(f"{what}: index must be lower-case letters, digits, '.', '_' or '-' "
+                                   f"(an Elasticsearch index name), got {index!r}")
     return Tenant(
+        index=index,
         name=name,
         display_name=_str(_req(m, node, "display_name", what), f"{what}: display_name"),
         case_type=_str(_req(m, node, "case_type", what), f"{what}: case_type"),

@@ -127,7 +127,7 @@ async def _reset_projections(settings: Settings, tenant: str) -> None:
             await conn.close()
     es = AsyncElasticsearch(settings.elasticsearch_url)
     try:
-        alias = index_name(tenant, settings.index_prefix)
+        alias = index_name(get_tenant(tenant, settings.tenants_file), settings.index_prefix)
         if await es.indices.exists_alias(name=alias):
             for concrete in (await es.indices.get_alias(name=alias)).body:
                 await es.indices.delete(index=concrete)
@@ -184,7 +184,8 @@ async def _wait_indexed(settings: Settings, got: list, deadline: float) -> dict[
             n = 0
             while True:
                 try:
-                    r = await es.mget(index=index_name(tenant, settings.index_prefix), ids=sorted(cases))
+                    r = await es.mget(index=index_name(get_tenant(tenant, settings.tenants_file), settings.index_prefix),
+                                     ids=sorted(cases))
                     n = sum(1 for d in r.body["docs"] if d.get("found") and d["_version"] >= cases[d["_id"]])
                 except Exception:  # index not created yet
                     n = 0
@@ -278,7 +279,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
                 f" (casestream case show --tenant {t} CASE_ID --timeline)")
         indexed = asyncio.run(_wait_indexed(settings, got, time.monotonic() + 60))
         for t, (n, total) in sorted(indexed.items()):
-            say(f"Elasticsearch {index_name(t, settings.index_prefix)}: {n} of {total} cases at their latest version")
+            say(f"Elasticsearch {index_name(get_tenant(t, settings.tenants_file), settings.index_prefix)}: {n} of {total} cases at their latest version")
         if any(n < total for n, total in list(projected.values()) + list(indexed.values())):
             say(f"A projection is behind; see {logs}.")
             return 1

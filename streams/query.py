@@ -190,7 +190,7 @@ def build_analytics(params: Mapping[str, list[str]]) -> Analytics:
     histogram = {"date_histogram": {"field": "created_at", "fixed_interval": INTERVALS[interval],
                                     "min_doc_count": 1}, "aggs": inner}
     if group_by:
-        histogram["aggs"] = {"groups": {"terms": {"field": group_by, "size": 50}, "aggs": inner}}
+        histogram["aggs"] = {**inner, "groups": {"terms": {"field": group_by, "size": 50}, "aggs": inner}}
     body = {"size": 0, "query": {"bool": {"filter": filters}}, "aggs": {"buckets": histogram}}
     return Analytics(metric, interval, group_by, body)
 

@@ -127,7 +127,7 @@ async def _replay_elasticsearch(settings, tenant, topic, end, rebuild, bar) -> R
 
     from sinks.elasticsearch import ElasticsearchSink, concrete_index_name, create_index, index_name
 
-    alias = index_name(tenant.name, settings.index_prefix)
+    alias = index_name(tenant, settings.index_prefix)
     result = ReplayResult("elasticsearch", target=alias)
     client = AsyncElasticsearch(settings.elasticsearch_url, request_timeout=60)
     try:

@@ -25,7 +25,7 @@ class Settings:
     stall_seconds: float = 60.0
     db_prefix: str = "casestream_"
     projections: tuple[str, ...] = ("postgres", "elasticsearch")
-    index_prefix: str = "cases-"
+    index_prefix: str = ""
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -55,7 +55,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         db_prefix=env.get("CASESTREAM_DB_PREFIX", "casestream_"),
         projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres,elasticsearch").split(",")
                           if p.strip()),
-        index_prefix=env.get("CASESTREAM_INDEX_PREFIX", "cases-"),
+        index_prefix=env.get("CASESTREAM_INDEX_PREFIX", ""),
     )
 
 

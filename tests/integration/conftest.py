@@ -101,10 +101,10 @@ class Stack:
 
     @property
     def index_prefix(self) -> str:
-        return f"{self.db_prefix}cases-"
+        return self.db_prefix
 
     def index(self, tenant: str) -> str:
-        return f"{self.index_prefix}{tenant}"
+        return f"{self.index_prefix}cases-{tenant}"
 
     def es(self, method: str, path: str, body: dict | None = None) -> dict:
         """One Elasticsearch REST call (JSON in, JSON out; HTTP errors returned as their body)."""

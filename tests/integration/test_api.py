@@ -52,7 +52,7 @@ def seeded(stack, api):
         ("d", "warning", 30, 90), ("e", "info", None, None)]
     from datetime import datetime, timedelta, timezone
 
-    base = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+    base = datetime(2031, 3, 1, 10, 0, tzinfo=timezone.utc)  # a day no other test uses
 
     def at(seconds: int) -> str:
         return (base + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
@@ -122,15 +122,21 @@ def test_case_and_timeline(api, seeded):
 
 
 def test_analytics(api, seeded):
-    status, r = get(api, "/v1/on-call/analytics", metric="mtta", interval="day", group_by="severity")
-    assert status == 200 and r["metric"] == "mtta"
-    day = [b for b in r["buckets"] if b["start"] == 1795478400000]  # 2026-11-24
-    assert day, r
-    groups = {g["value"]: g for g in day[0]["groups"]}
-    # acknowledged pages of this run plus possibly other tests' pages: check ours are counted
-    assert groups["critical"]["count"] >= 2 and groups["critical"]["percentiles_seconds"]["p50"] is not None
-    status, counts = get(api, "/v1/on-call/analytics", metric="count", interval="hour")
-    assert status == 200 and sum(b["count"] for b in counts["buckets"]) >= 5
+    day = {"created_from": "2031-03-01T00:00:00Z", "created_to": "2031-03-02T00:00:00Z"}
+    status, r = get(api, "/v1/on-call/analytics", metric="mtta", interval="day", group_by="severity", **day)
+    assert status == 200 and r["metric"] == "mtta" and len(r["buckets"]) == 1
+    bucket = r["buckets"][0]
+    assert bucket["start"] == 1930089600000 and bucket["count"] == 3  # 2031-03-01; a, b, d were acknowledged
+    assert bucket["mean_seconds"] == 70
+    groups = {g["value"]: g for g in bucket["groups"]}
+    assert (groups["critical"]["count"], groups["critical"]["mean_seconds"]) == (2, 90)
+    assert groups["critical"]["percentiles_seconds"] == {"p50": 60, "p90": 120, "p95": 120, "p99": 120}
+    assert (groups["warning"]["count"], groups["warning"]["mean_seconds"]) == (1, 30)
+    status, r = get(api, "/v1/on-call/analytics", metric="mttr", interval="hour", **day)
+    assert status == 200 and [(b["count"], b["mean_seconds"]) for b in r["buckets"]] == [(3, 330)]
+    assert r["buckets"][0]["percentiles_seconds"]["p50"] == 300
+    status, counts = get(api, "/v1/on-call/analytics", metric="count", interval="hour", **day)
+    assert status == 200 and [b["count"] for b in counts["buckets"]] == [5]
 
 
 def test_errors_name_the_parameter(api, seeded):

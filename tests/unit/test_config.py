@@ -311,3 +311,18 @@ def test_routed_partitions_error_points_at_partitions_line(tmp_path):
     assert "intake-routed" in msg and "4" in msg
     assert line_of(text, "partitions: 3") == 7
     assert msg.startswith(f"{p}:7:"), msg  # the line of the 'partitions:' key
+
+
+def test_index_name_defaults_and_can_be_configured(tmp_path):
+    from sinks.elasticsearch import index_name
+
+    tenants = load_tenants()
+    assert index_name(tenants["on-call"]) == "cases-on-call"
+    assert index_name(tenants["case-management"], "tmp_") == "tmp_cases-case-management"
+    text = (PROJECT_ROOT / "tenants.yaml").read_text().replace(
+        "  on-call:\n", "  on-call:\n    index: oncall-pages\n", 1)
+    (tmp_path / "t.yaml").write_text(text)
+    assert index_name(load_tenants(tmp_path / "t.yaml")["on-call"]) == "oncall-pages"
+    (tmp_path / "bad.yaml").write_text(text.replace("oncall-pages", "OnCall Pages"))
+    with pytest.raises(ConfigError, match="index must be lower-case"):
+        load_tenants(tmp_path / "bad.yaml")
