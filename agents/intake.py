@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+import weakref
 
 import orjson
 
@@ -44,6 +45,9 @@ from streams.domain import cases as domain
 from streams.domain.intake import UNKNOWN_CASE, Intake, Rejection, parse, routing_key
 
 log = logging.getLogger("casestream.intake")
+
+APPLY_BATCH = 500      # routed messages per apply batch
+APPLY_WITHIN = 0.02    # seconds to wait for a batch to fill
 
 DOMAIN = "domain-events"
 DLQ = "dlq"
@@ -72,6 +76,22 @@ def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, r
 def _headers(event: dict) -> list[tuple[str, bytes]]:
     return [("event_type", event["type"].encode()), ("tenant", event["tenant"].encode()),
             ("case_id", event["case_id"].encode()), ("event_id", event["event_id"].encode())]
+
+
+def write_in_context(table, event, key: str, value: bytes) -> None:
+    """``table[key] = value`` as if during ``event``'s iteration.
+
+    Faust writes a table key to the changelog partition of the current
+    event; a batch sets that context per key (the key's last event, which is
+    in the key's partition) instead of writing once per event.
+    """
+    from faust.streams import _current_event
+
+    token = _current_event.set(weakref.ref(event))
+    try:
+        table[key] = value
+    finally:
+        _current_event.reset(token)
 
 
 def route_message(tenant, topic: str, partition: int, offset: int, timestamp_ms: int,
@@ -112,16 +132,17 @@ def register(topo: Topology) -> None:
 
     @app.agent(topo.intake, name=f"{topo.family.app_id}.route")
     async def route(stream):
-        async for event in stream.events():
-            msg = event.message
-            kind, key, value = route_message(tenant, msg.topic, msg.partition, msg.offset,
-                                             int(msg.timestamp * 1000), msg.key, event.value)
-            if kind == ROUTED:
-                topo.routed.send_soon(key=key, value=orjson.dumps(value))
-                metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
-            else:
-                send_dlq(key, value)
-                metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
+        async for events in stream.take_events(APPLY_BATCH, within=APPLY_WITHIN):
+            for event in events:
+                msg = event.message
+                kind, key, value = route_message(tenant, msg.topic, msg.partition, msg.offset,
+                                                 int(msg.timestamp * 1000), msg.key, event.value)
+                if kind == ROUTED:
+                    topo.routed.send_soon(key=key, value=orjson.dumps(value))
+                    metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
+                else:
+                    send_dlq(key, value)
+                    metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
 
     def get_entry(key: str) -> dict | None:
         raw = topo.keys.get(key)
@@ -133,44 +154,67 @@ def register(topo: Topology) -> None:
 
     @app.agent(topo.routed, name=f"{topo.family.app_id}.apply")
     async def apply_cases(stream):
-        async for event in stream.events():
+        # Batches: entries are read once and written once per batch (the last
+        # state of each key), with the partition context of the key's last
+        # event, as Faust requires for table writes. Events are acked by
+        # take_events only after the batch has been handled.
+        async for events in stream.take_events(APPLY_BATCH, within=APPLY_WITHIN):
             started = time.perf_counter()
-            env = orjson.loads(event.value)
-            intake = Intake.from_dict(env["intake"])
-            entry = domain.lookup(intake, get_entry, get_index)
-            decision = domain.decide(tenant, intake, entry)
+            cache: dict[str, dict | None] = {}
+            dirty: dict[str, tuple] = {}      # dedup key -> (event, entry)
+            new_index: dict[str, tuple] = {}  # case id -> (event, dedup key)
 
-            if decision.duplicate:
-                # Already applied: no second effect. If Kafka is redelivering
-                # the very record that applied it (a crash before the commit),
-                # re-send what it produced and rewrite the state, in case the
-                # crash lost them after the local store had them.
-                metrics.DUPLICATES.labels(tname).inc()
-                if domain.is_redelivery(entry, intake.event_id, event.message.offset):
-                    recorded = domain.recorded_outputs(entry, intake.event_id) or []
-                    send_outputs(recorded)
-                    topo.keys[entry["dedup_key"]] = orjson.dumps(entry)
-                    for kind, _key, value in recorded:
-                        if kind == DOMAIN and value["type"] == "CaseCreated":
-                            topo.case_keys[value["case_id"]] = entry["dedup_key"].encode()
-                continue
+            def entry_of(key: str) -> dict | None:
+                if key not in cache:
+                    cache[key] = get_entry(key)
+                return cache[key]
 
-            outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
-            if decision.rejection is not None:
-                src = env["source"]
-                record = dead_letter(decision.rejection, src["topic"], src["partition"], src["offset"],
-                                     env["original"].encode("utf-8"))
-                outputs.append([DLQ, intake.dedup_key or intake.case_id, record])
-                metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
-            else:
-                metrics.INTAKE_MESSAGES.labels(tname, "noop" if decision.noop else "applied").inc()
-            send_outputs(outputs)
-            if decision.entry is not None:
-                new = domain.remember(decision.entry, intake.event_id, outputs, event.message.offset)
-                topo.keys[new["dedup_key"]] = orjson.dumps(new)  # one write: the whole decision state
-                for case_id in decision.created:  # write-once index for commands by case id
-                    topo.case_keys[case_id] = new["dedup_key"].encode()
+            def index_of(case_id: str) -> str | None:
+                return new_index[case_id][1] if case_id in new_index else get_index(case_id)
+
+            for event in events:
+                apply_one(event, entry_of, index_of, cache, dirty, new_index)
+            for key, (event, entry) in dirty.items():
+                write_in_context(topo.keys, event, key, orjson.dumps(entry))
+            for case_id, (event, key) in new_index.items():
+                write_in_context(topo.case_keys, event, case_id, key.encode())
             metrics.APPLY_SECONDS.labels(tname).observe(time.perf_counter() - started)
+
+    def apply_one(event, entry_of, index_of, cache, dirty, new_index) -> None:
+        env = orjson.loads(event.value)
+        intake = Intake.from_dict(env["intake"])
+        entry = domain.lookup(intake, entry_of, index_of)
+        decision = domain.decide(tenant, intake, entry)
+        if decision.duplicate:
+            # Already applied: no second effect. If Kafka is redelivering the
+            # very record that applied it (a crash before the commit), re-send
+            # what it produced and rewrite the state, in case the crash lost
+            # them after the local store had them.
+            metrics.DUPLICATES.labels(tname).inc()
+            if domain.is_redelivery(entry, intake.event_id, event.message.offset):
+                recorded = domain.recorded_outputs(entry, intake.event_id) or []
+                send_outputs(recorded)
+                dirty[entry["dedup_key"]] = (event, entry)
+                for kind, _key, value in recorded:
+                    if kind == DOMAIN and value["type"] == "CaseCreated":
+                        new_index[value["case_id"]] = (event, entry["dedup_key"])
+            return
+        outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
+        if decision.rejection is not None:
+            src = env["source"]
+            record = dead_letter(decision.rejection, src["topic"], src["partition"], src["offset"],
+                                 env["original"].encode("utf-8"))
+            outputs.append([DLQ, intake.dedup_key or intake.case_id, record])
+            metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
+        else:
+            metrics.INTAKE_MESSAGES.labels(tname, "noop" if decision.noop else "applied").inc()
+        send_outputs(outputs)
+        if decision.entry is not None:
+            new = domain.remember(decision.entry, intake.event_id, outputs, event.message.offset)
+            cache[new["dedup_key"]] = new
+            dirty[new["dedup_key"]] = (event, new)  # one write per key per batch: the whole decision state
+            for case_id in decision.created:  # write-once index for commands by case id
+                new_index[case_id] = (event, new["dedup_key"])
 
     topo.agents = {"route": route, "apply": apply_cases}  # type: ignore[attr-defined]
 
