@@ -15,8 +15,8 @@ DUPLICATES = Counter(
 PROJECTED = Counter(
     "casestream_projected_events_total", "Domain events written to a sink.", ["tenant", "sink"])
 APPLY_SECONDS = Histogram(
-    "casestream_apply_duration_seconds", "Time to decide and apply one routed intake message.", ["tenant"],
-    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5))
+    "casestream_apply_duration_seconds", "Time to decide and apply one batch of routed intake messages.", ["tenant"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:
