@@ -12,9 +12,9 @@ events (Avro, keyed by case id) or the dead letter, and stores the new
 entry. Crash safety under Faust's at-least-once delivery:
 
 * everything a decision reads is one table entry (per dedup key), written
-  whole, so lost changelog records can only roll an entry back to an
-  earlier state of its own -- never mix states of two writes;
-
+  whole (once per batch, with the key's last state), so lost changelog
+  records can only roll an entry back to an earlier state of its own --
+  never mix states of two writes;
 * outputs and table writes are buffered (``send_soon``); Faust flushes the
   producer before it commits an offset, so a committed offset implies its
   outputs and changelog records were acknowledged;
