@@ -222,12 +222,13 @@ def register(topo: Topology) -> None:
 STALL_EXIT_CODE = 3
 
 
-def register_health(topo: Topology, bootstrap_servers: str, interval: float = 5.0,
+def register_health(topo: Topology, bootstrap_servers: str, inputs: set[str], interval: float = 5.0,
                     stall_seconds: float = 60.0) -> None:
     """Liveness: a structured health line, and a stall watchdog.
 
     Every ``interval`` seconds the worker compares what its streams have read
-    with the end offsets of its assigned input partitions (asked with a
+    with the end offsets of its assigned partitions of ``inputs`` (the topics
+    its agents consume) (asked with a
     separate client). If input is waiting and nothing has been read for
     ``stall_seconds``, the consumer is stuck (seen rarely with faust-streaming
     after a crash restart: ready, assigned, not fetching); the worker logs
@@ -248,8 +249,10 @@ def register_health(topo: Topology, bootstrap_servers: str, interval: float = 5.
     @app.timer(interval=interval, name=f"{topo.family.app_id}.health")
     async def health():
         consumer = app.consumer
-        inputs = {topo.family.name("intake"), topo.family.name("intake-routed")}
-        stream_tps = sorted((tp for tp in consumer.assignment() if tp.topic in inputs),
+        # a sink waiting out an outage (backoff) holds its partitions still on
+        # purpose: while one is writing, the domain-event log is not watched
+        watched = inputs - {topo.family.name("domain-events")} if topo.busy_sinks else inputs
+        stream_tps = sorted((tp for tp in consumer.assignment() if tp.topic in watched),
                             key=lambda tp: (tp.topic, tp.partition))
         name = {tp: f"{tp.topic}:{tp.partition}" for tp in stream_tps}
         read = {name[tp]: consumer._read_offset.get(tp) for tp in stream_tps}

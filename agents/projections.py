@@ -40,7 +40,11 @@ def _register_one(topo: Topology, app, sink: Sink) -> None:
                     except schemas.SchemaError as exc:  # not ours to stop on: count and skip
                         log.error("%s: undecodable record %s[%d]@%d skipped: %s", sink.name, msg.topic,
                                   msg.partition, msg.offset, exc)
-                await sink.write_batch(records)
+                topo.busy_sinks.add(sink.name)
+                try:
+                    await sink.write_batch(records)  # retries with backoff while the server is down
+                finally:
+                    topo.busy_sinks.discard(sink.name)
                 metrics.PROJECTED.labels(topo.tenant.name, sink.name).inc(len(records))
         finally:
             await sink.close()

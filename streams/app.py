@@ -8,7 +8,7 @@ be built side by side (tests, ``casestream topics create``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faust
 
@@ -29,6 +29,7 @@ class Topology:
     dlq: faust.TopicT
     keys: faust.Table | None
     case_keys: faust.Table | None
+    busy_sinks: set[str] = field(default_factory=set)  # sinks inside write_batch (for the watchdog)
 
 
 ROLES = ("all", "intake", "projections")
@@ -95,12 +96,17 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
     )
     from agents import intake  # agents are thin shells over streams.domain
 
+    inputs: set[str] = set()
     if has_intake:
         intake.register(topo)
-        intake.register_health(topo, settings.kafka_bootstrap_servers, stall_seconds=settings.stall_seconds)
+        inputs |= {family.name("intake"), family.name("intake-routed")}
     if role in ("all", "projections"):
         from agents import projections
         from sinks import build_sinks
 
-        projections.register(topo, build_sinks(settings, tenant))
+        sinks = build_sinks(settings, tenant)
+        projections.register(topo, sinks)
+        if sinks:
+            inputs.add(family.name("domain-events"))
+    intake.register_health(topo, settings.kafka_bootstrap_servers, inputs, stall_seconds=settings.stall_seconds)
     return topo

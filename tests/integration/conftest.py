@@ -158,8 +158,17 @@ class Stack:
             if not isinstance(result, Exception) and until(result):
                 return result
             if time.monotonic() > end:
-                raise AssertionError(f"deadline waiting for {what}; last: {result!r}"[:2000])
+                raise AssertionError(f"deadline waiting for {what}; last: {result!r}"[:2000] + self.diagnostics())
             time.sleep(0.2)  # polling interval, bounded by the deadline
+
+    def diagnostics(self) -> str:
+        """The workers' state and log tails, for a failure message."""
+        out = []
+        for w in self.workers:
+            state = "alive" if w.alive() else f"exited {w.proc.returncode if w.proc else None}"
+            tail = "\n".join(w.log().splitlines()[-15:])
+            out.append(f"\n--- worker {w.instance_id} ({w.role}, {state}, restarts {w.restarts}):\n{tail}")
+        return "".join(out)
 
     def drop_databases(self) -> None:
         import asyncpg
@@ -270,7 +279,8 @@ class Stack:
                 if now > end:
                     raise AssertionError(f"deadline: {len(found)} matching records in {topic}"
                                          f" (wanted {count if count is not None else 'until()'}): "
-                                         f"{[(r.get('type') or r.get('reason')) for r in found]}")
+                                         f"{[(r.get('type') or r.get('reason')) for r in found]}"[:3000]
+                                         + self.diagnostics())
         finally:
             await stop_consumer(consumer)
 
