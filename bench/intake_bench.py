@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from streams.config import get_tenant, load_tenants, load_topics  # noqa: E402
 from streams.domain import cases as domain  # noqa: E402
 from streams.domain.intake import parse  # noqa: E402
-from streams.kafka import stop_consumer  # noqa: E402
+from streams.kafka import end_offsets  # noqa: E402
 
 
 def feed(n: int, keys: int) -> list[bytes]:
@@ -75,22 +75,14 @@ async def _produce(bootstrap: str, topic: str, lines: list[bytes]) -> None:
 
 
 async def _count(bootstrap: str, topic: str, want: int, deadline: float) -> int:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await c.start()
-    try:
-        await c._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        while time.monotonic() < deadline:
-            ends = await c.end_offsets(tps)
-            total = sum(ends.values())
-            if total >= want:
-                return total
-            await asyncio.sleep(0.05)
-        return total
-    finally:
-        await stop_consumer(c)
+    """Poll the topic's total end offset until it reaches ``want`` (or the deadline)."""
+    total = 0
+    while time.monotonic() < deadline:
+        total = sum((await end_offsets(bootstrap, [topic])).values())
+        if total >= want:
+            break
+        await asyncio.sleep(0.05)  # polling, bounded by the deadline
+    return total
 
 
 def bench_end_to_end(lines: list[bytes], expected_events: int) -> dict:

@@ -246,14 +246,22 @@ class PostgresSink:
             await self.pool.close()
             self.pool = None
 
-    # -- reads (timeline and case, for the CLI/API) ----------------------------
+    # -- reads ------------------------------------------------------------------
 
     async def timeline(self, case_id: str) -> list[dict]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT payload FROM timeline WHERE case_id = $1 ORDER BY version", case_id)
-        return [orjson.loads(r["payload"]) for r in rows]
+        return await read_timeline(self.pool, case_id)
 
     async def case(self, case_id: str) -> dict | None:
-        async with self.pool.acquire() as conn:
-            raw = await conn.fetchval("SELECT state FROM case_states WHERE case_id = $1", case_id)
-        return orjson.loads(raw) if raw else None
+        return await read_case(self.pool, case_id)
+
+
+async def read_case(pool, case_id: str) -> dict | None:
+    """A case's current state from the projection (None: unknown)."""
+    raw = await pool.fetchval("SELECT state FROM case_states WHERE case_id = $1", case_id)
+    return orjson.loads(raw) if raw else None
+
+
+async def read_timeline(pool, case_id: str) -> list[dict]:
+    """A case's domain events, in version order (empty: unknown)."""
+    rows = await pool.fetch("SELECT payload FROM timeline WHERE case_id = $1 ORDER BY version", case_id)
+    return [orjson.loads(r["payload"]) for r in rows]

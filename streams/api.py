@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 
 from sinks.elasticsearch import index_name
-from sinks.postgres import database_name
+from sinks.postgres import database_name, read_case, read_timeline
 from streams.config import load_tenants
 from streams.query import ParamError, build_analytics, build_search, percentiles, shape_search
 from streams.settings import Settings
@@ -88,19 +88,17 @@ class QueryService:
 
     async def case(self, tenant: str, case_id: str) -> dict:
         self.tenant(tenant)
-        pool = await self.pool(tenant)
-        raw = await pool.fetchval("SELECT state FROM case_states WHERE case_id = $1", case_id)
-        if raw is None:
+        case = await read_case(await self.pool(tenant), case_id)
+        if case is None:
             raise NotFound(f"no case {case_id!r} in tenant {tenant}")
-        return orjson.loads(raw)
+        return case
 
     async def timeline(self, tenant: str, case_id: str) -> list[dict]:
         self.tenant(tenant)
-        pool = await self.pool(tenant)
-        rows = await pool.fetch("SELECT payload FROM timeline WHERE case_id = $1 ORDER BY version", case_id)
-        if not rows:
+        events = await read_timeline(await self.pool(tenant), case_id)
+        if not events:
             raise NotFound(f"no case {case_id!r} in tenant {tenant}")
-        return [orjson.loads(r["payload"]) for r in rows]
+        return events
 
     async def analytics(self, tenant: str, params: dict[str, list[str]]) -> dict:
         self.tenant(tenant)

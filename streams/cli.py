@@ -332,26 +332,13 @@ def _safe_dsn(dsn: str) -> str:
 
 
 def cmd_case(args, settings: Settings) -> int:
-    from sinks.postgres import PostgresSink, database_name
+    tenant = get_tenant(args.tenant or settings.tenant_name, settings.tenants_file).name
 
-    tenant = get_tenant(args.tenant or settings.tenant_name, settings.tenants_file)
+    async def fetch(svc):
+        return await svc.case(tenant, args.case_id), (await svc.timeline(tenant, args.case_id)
+                                                      if args.timeline else None)
 
-    async def fetch():
-        sink = PostgresSink(settings.postgres_dsn, database_name(tenant.name, settings.db_prefix), tenant)
-        import asyncpg
-
-        sink.pool = await asyncpg.create_pool(settings.postgres_dsn, database=sink.database, min_size=1, max_size=1)
-        try:
-            return await sink.case(args.case_id), (await sink.timeline(args.case_id) if args.timeline else None)
-        finally:
-            await sink.close()
-
-    try:
-        case, timeline = asyncio.run(asyncio.wait_for(fetch(), timeout=30))
-    except Exception as exc:
-        raise CliError(f"reading case {args.case_id} failed: {exc.__class__.__name__} {exc}") from None
-    if case is None:
-        raise CliError(f"no case {args.case_id!r} in tenant {tenant.name}", EXIT_FAIL)
+    case, timeline = _run_query(settings, fetch)
     if args.json:
         emit_json({"case": case, "timeline": timeline} if args.timeline else case)
         return EXIT_OK
