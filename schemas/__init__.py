@@ -59,6 +59,13 @@ class Registry:
         return sorted((s for s in self.by_id.values() if s.type == etype), key=lambda s: s.version)
 
 
+def _is_timestamp(avro_type) -> bool:
+    """timestamp-millis, or a union holding it (a nullable timestamp)."""
+    if isinstance(avro_type, list):
+        return any(_is_timestamp(t) for t in avro_type)
+    return isinstance(avro_type, dict) and avro_type.get("logicalType") == "timestamp-millis"
+
+
 def load_registry(directory: Path = SCHEMA_DIR) -> Registry:
     index = json.loads((directory / "index.json").read_text())
     by_id: dict[int, SchemaInfo] = {}
@@ -68,8 +75,7 @@ def load_registry(directory: Path = SCHEMA_DIR) -> Registry:
         if raw.get("name") != entry["type"]:
             raise SchemaError(f"{entry['file']}: record name {raw.get('name')!r} != index type {entry['type']!r}")
         json_fields = tuple(f["name"] for f in raw["fields"] if f.get("casestream.json"))
-        ts_fields = tuple(f["name"] for f in raw["fields"]
-                          if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis")
+        ts_fields = tuple(f["name"] for f in raw["fields"] if _is_timestamp(f["type"]))
         info = SchemaInfo(entry["id"], entry["type"], entry["version"], entry["file"], raw,
                           parse_schema(raw), json_fields, ts_fields)
         if info.id in by_id:

@@ -8,6 +8,15 @@ write them in one ``bulk`` with external versioning on the case ``version``
 newer one, and a version conflict counts as success. Documents are built
 from an allowlist of fields (never by copying the event); people appear by
 id only (names and emails are not indexed).
+
+On-call properties (escalation policy, step, targets, responders, SLA
+breaches) are indexed the same way: targets as ``kind:id`` keywords,
+responders as ``responder_users`` (user ids); the state's ``responders``
+records, which carry names and emails, are never indexed.
+
+The mapping is strict. Opening an existing index puts the full mapping again
+(``put_mapping`` only adds fields; a changed type is an error), so an index
+created before a field was added accepts documents with it.
 """
 
 from __future__ import annotations
@@ -36,12 +45,18 @@ MAPPING = {
         "acknowledged_at": DATE, "resolved_at": DATE,
         "occurrence_count": {"type": "long"}, "comment_count": {"type": "long"}, "version": {"type": "long"},
         "time_to_acknowledge_seconds": {"type": "double"}, "time_to_resolve_seconds": {"type": "double"},
+        # on-call properties (people by id only)
+        "escalation_policy_id": KEYWORD, "escalation_policy_step_id": KEYWORD,
+        "escalation_policy_retry_count": {"type": "long"}, "escalation_active": {"type": "boolean"},
+        "is_shadow": {"type": "boolean"}, "targets": KEYWORD, "responder_users": KEYWORD,
+        "responders_added_at": DATE, "time_to_first_acknowledge": {"type": "long"}, "sla_breaches": KEYWORD,
     },
 }
 _FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity", "priority",
            "urgency", "source", "project", "component", "group", "class", "tags", "summary", "created_at",
            "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
-           "occurrence_count", "comment_count", "version")
+           "occurrence_count", "comment_count", "version",
+           "escalation_policy_id", "escalation_policy_step_id", "responders_added_at")
 
 
 def index_name(tenant: Tenant, prefix: str = "") -> str:
@@ -74,6 +89,17 @@ def document(case: dict) -> dict:
     ack, res = case.get("acknowledged_at"), case.get("resolved_at")
     doc["time_to_acknowledge_seconds"] = (ack - created) / 1000 if ack is not None and created is not None else None
     doc["time_to_resolve_seconds"] = (res - created) / 1000 if res is not None and created is not None else None
+    # on-call: a case folded before these fields existed has the defaults
+    doc["escalation_policy_retry_count"] = case.get("escalation_policy_retry_count") or 0
+    doc["escalation_active"] = bool(case.get("escalation_active"))
+    doc["is_shadow"] = bool(case.get("is_shadow"))
+    doc["targets"] = [f"{t['kind']}:{t['id']}" for t in case.get("targets") or []]
+    doc["responder_users"] = list(case.get("responder_users") or [])  # ids, never the records
+    doc["sla_breaches"] = list(case.get("sla_breaches") or [])
+    ttfa = case.get("time_to_first_acknowledge")
+    if ttfa is None and ack is not None and created is not None:
+        ttfa = ack - created  # what apply computes at the first acknowledge (ms)
+    doc["time_to_first_acknowledge"] = ttfa
     return doc
 
 
@@ -84,6 +110,12 @@ def state_from_document(doc: dict) -> dict:
     state["assignee"] = {"id": aid, "name": None, "email": None} if aid else None
     state.pop("time_to_acknowledge_seconds", None)
     state.pop("time_to_resolve_seconds", None)
+    for k, v in domain.ONCALL_DEFAULTS.items():  # a document indexed before the on-call fields
+        if state.get(k) is None:
+            state[k] = list(v) if isinstance(v, list) else v
+    state["targets"] = [dict(zip(("kind", "id"), t.split(":", 1))) for t in state["targets"]]
+    # names and emails are not indexed: responders come back by id only
+    state["responders"] = [{"id": uid, "name": None, "email": None} for uid in state["responder_users"]]
     return state
 
 
@@ -117,12 +149,16 @@ class ElasticsearchSink:
             await self.backoff.run(f"elasticsearch open {self.index}", self.ensure_index, self._retry_on())
 
     async def ensure_index(self) -> None:
-        """The alias ``self.index`` over a concrete index (``<alias>-<utc time>``), created when absent.
+        """The alias ``self.index`` over a concrete index (``<alias>-<utc time>``), created when absent;
+        an existing index gets the current mapping's new fields.
 
         Writers and readers use the alias; a rebuild fills a fresh concrete
         index and swaps the alias (``streams/replay.py``).
         """
         if await self.client.indices.exists(index=self.index):
+            # additive: adds the fields a newer MAPPING has (a changed type fails here, loudly)
+            await self.client.indices.put_mapping(index=self.index, dynamic=MAPPING["dynamic"],
+                                                  properties=MAPPING["properties"])
             return
         concrete = concrete_index_name(self.index)
         await create_index(self.client, concrete)

@@ -13,6 +13,9 @@ when versions arrive out of order), and stores the partition positions
 reached -- so a crash between write and commit neither loses nor doubles
 anything. Positions are a record of progress, not a filter: skipping by
 offset would silently drop a recreated topic's events.
+
+Case rows carry the on-call properties (migration 0002), responders as full
+records with names and emails -- unlike the search index, which keeps ids.
 """
 
 from __future__ import annotations
@@ -112,20 +115,32 @@ _CASE_COLUMNS = (
     "priority", "urgency", "project", "component", "group", "class", "tags", "links", "custom_details",
     "assignee", "occurrence_count", "comment_count", "created_at", "updated_at", "last_seen_at",
     "status_changed_at", "acknowledged_at", "resolved_at", "version",
+    # on-call properties (migration 0002); responders keep names and emails here
+    "escalation_policy_id", "escalation_policy_step_id", "escalation_policy_retry_count", "escalation_active",
+    "is_shadow", "targets", "responder_users", "responders", "responders_added_at",
+    "time_to_first_acknowledge_ms", "sla_breaches",
 )
-_TS_COLUMNS = {"created_at", "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at"}
-_JSON_COLUMNS = {"links", "custom_details", "assignee"}
+_TS_COLUMNS = {"created_at", "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
+               "responders_added_at"}
+_JSON_COLUMNS = {"links", "custom_details", "assignee", "targets", "responders"}
+_ARRAY_COLUMNS = {"tags", "responder_users", "sla_breaches"}
+_STATE_KEYS = {"time_to_first_acknowledge_ms": "time_to_first_acknowledge"}  # column -> state field, when not equal
 
 
 def case_row(case: dict) -> tuple:
     out = []
     for c in _CASE_COLUMNS:
-        v = case.get(c)
+        key = _STATE_KEYS.get(c, c)
+        v = case.get(key)
+        if v is None and key in domain.ONCALL_DEFAULTS:
+            v = domain.ONCALL_DEFAULTS[key]  # a state folded before the on-call fields existed
+        if key == "time_to_first_acknowledge" and v is None and case.get("acknowledged_at") is not None:
+            v = case["acknowledged_at"] - case["created_at"]  # what apply computes at the first acknowledge
         if c in _TS_COLUMNS:
             v = _ts(v)
         elif c in _JSON_COLUMNS:
             v = orjson.dumps(v).decode() if v is not None else None
-        elif c == "tags":
+        elif c in _ARRAY_COLUMNS:
             v = list(v or [])
         out.append(v)
     return tuple(out)

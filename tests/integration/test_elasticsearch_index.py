@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 import pytest
 
+from schemas import decode, encode
 from sinks.base import SinkRecord
-from sinks.elasticsearch import MAPPING, ElasticsearchSink
+from sinks.elasticsearch import MAPPING, ElasticsearchSink, document
 from streams.config import get_tenant
+from streams.domain.cases import replay
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +78,115 @@ def test_duplicates_and_older_versions_never_overwrite(stack, run_id):
         assert doc["_version"] == 3 and doc["_source"]["occurrence_count"] == 3 and doc["_source"]["version"] == 3
     finally:
         stack.es_drop(index)
+
+
+# --------------------------------------------------------------------------
+# on-call properties (the scenario of tests/unit/helpers.py, through the codec)
+# --------------------------------------------------------------------------
+
+_UNIT = str(Path(__file__).resolve().parents[1] / "unit")
+if _UNIT not in sys.path:
+    sys.path.insert(0, _UNIT)
+
+from helpers import ALICE, BOB, World, emit, oncall_scenario  # noqa: E402
+
+ONCALL_FIELDS = ("escalation_policy_id", "escalation_policy_step_id", "escalation_policy_retry_count",
+                 "escalation_active", "is_shadow", "targets", "responder_users", "responders_added_at",
+                 "time_to_first_acknowledge", "sla_breaches")
+OLD_MAPPING = dict(MAPPING, properties={k: v for k, v in MAPPING["properties"].items() if k not in ONCALL_FIELDS})
+
+
+def _wire(events: list[dict]) -> list[dict]:
+    """The events as a sink receives them: encoded and decoded."""
+    return [decode(encode(e)) for e in events]
+
+
+def _drive(url: str, index: str, tenant, batches: list[list[dict]], create: bool = True) -> int:
+    async def run():
+        sink = ElasticsearchSink(url, index, tenant, create=create)
+        await sink.open()
+        try:
+            for n, batch in enumerate(batches):
+                await sink.write_batch([SinkRecord("t", 0, n * 1000 + i, e) for i, e in enumerate(batch)])
+            await sink.flush()
+            return sink.skipped
+        finally:
+            await sink.close()
+
+    return asyncio.run(run())
+
+
+def test_oncall_properties_are_indexed_by_id_only(stack, run_id):
+    tenant = get_tenant("on-call")
+    w = World(tenant, prefix=f"{run_id}-")
+    events = _wire(oncall_scenario(w, key=f"{run_id}/oncall"))
+    page_id, low_id = events[0]["case_id"], events[-1]["case_id"]
+    page = [e for e in events if e["case_id"] == page_id]
+    index = f"{stack.index_prefix}oncall-{run_id}"
+    try:
+        # the second batch folds onto the indexed document (state_from_document), not onto memory
+        skipped = _drive(stack.elasticsearch, index, tenant,
+                         [page[:4], page[4:] + [e for e in events if e["case_id"] == low_id]])
+        assert skipped == 0
+        src = stack.es("GET", f"/{index}/_doc/{page_id}")["_source"]
+        assert src == document(replay(tenant, page))  # as if folded in one go
+        assert src["version"] == len(page)
+        assert src["responder_users"] == ["u-alice", "u-carol", "u-bob"]
+        assert src["targets"] == ["user:u-alice", "schedule:sch-primary", "team:team-db"]
+        assert (src["escalation_policy_id"], src["escalation_policy_step_id"], src["escalation_active"],
+                src["is_shadow"], src["sla_breaches"]) == ("ep-db", "ep-db-s1", False, False, ["resolution"])
+        assert src["time_to_first_acknowledge"] == src["acknowledged_at"] - src["created_at"] > 0
+        flat = str(src)
+        for secret in (ALICE["name"], ALICE["email"], BOB["name"], BOB["email"]):
+            assert secret not in flat
+        assert "responders" not in src
+        low = stack.es("GET", f"/{index}/_doc/{low_id}")["_source"]
+        assert (low["is_shadow"], low["escalation_active"], low["urgency"], low["targets"]) == (
+            True, True, "low", ["user:u-bob"])
+        # the new fields are searchable with their mapped types
+        hits = stack.es("POST", f"/{index}/_search", {"query": {"bool": {"filter": [
+            {"term": {"responder_users": "u-carol"}}, {"term": {"targets": "team:team-db"}},
+            {"term": {"escalation_active": False}}, {"range": {"time_to_first_acknowledge": {"gt": 0}}},
+            {"range": {"responders_added_at": {"gte": page[0]["occurred_at"]}}}]}}})
+        assert [h["_id"] for h in hits["hits"]["hits"]] == [page_id]
+        assert stack.es("POST", f"/{index}/_search", {"query": {"term": {"responder_users": "Alice Doe"}}}
+                        )["hits"]["total"]["value"] == 0
+    finally:
+        stack.es_drop(index)
+
+
+def test_index_with_the_old_mapping_gets_the_new_fields_on_open(stack, run_id):
+    """An index created before the on-call fields (strict mapping) accepts them after open (put_mapping)."""
+    tenant = get_tenant("on-call")
+    w = World(tenant, prefix=f"{run_id}-")
+    events = _wire(oncall_scenario(w, key=f"{run_id}/old"))
+    page_id = events[0]["case_id"]
+    page = [e for e in events if e["case_id"] == page_id]
+    alias = f"{stack.index_prefix}old-{run_id}"
+    concrete = f"{alias}-20250101000000000000"
+    try:
+        assert stack.es("PUT", f"/{concrete}", {"mappings": OLD_MAPPING}).get("acknowledged")
+        assert stack.es("POST", "/_aliases", {"actions": [{"add": {"index": concrete, "alias": alias}}]}
+                        ).get("acknowledged")
+        # a case indexed by the old code: version 1, no on-call fields
+        old_doc = {k: v for k, v in document(replay(tenant, page[:1])).items() if k not in ONCALL_FIELDS}
+        put = stack.es("PUT", f"/{alias}/_doc/{page_id}?version=1&version_type=external", old_doc)
+        assert put.get("result") == "created", put
+        # the old mapping is strict: today's documents are rejected ...
+        rejected = stack.es("PUT", f"/{alias}/_doc/other?version=1&version_type=external",
+                            document(replay(tenant, page[:1])))
+        assert rejected["_status"] == 400 and "strict_dynamic_mapping" in str(rejected), rejected
+        # ... until the sink opens the index: the later events fold onto the old document
+        assert _drive(stack.elasticsearch, alias, tenant, [page[1:]]) == 0
+        mapping = stack.es("GET", f"/{alias}/_mapping")[concrete]["mappings"]
+        assert mapping["dynamic"] == "strict"
+        assert {f: mapping["properties"][f] for f in ONCALL_FIELDS} == {f: MAPPING["properties"][f]
+                                                                       for f in ONCALL_FIELDS}
+        src = stack.es("GET", f"/{alias}/_doc/{page_id}")["_source"]
+        assert src == document(replay(tenant, page))
+        assert src["responder_users"] == ["u-alice", "u-carol", "u-bob"] and "Alice Doe" not in str(src)
+        # opening again is harmless (the same mapping is put again)
+        assert _drive(stack.elasticsearch, alias, tenant, [page]) == 0
+        assert stack.es("GET", f"/{alias}/_doc/{page_id}")["_version"] == len(page)
+    finally:
+        stack.es_drop(alias)

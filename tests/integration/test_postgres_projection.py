@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import orjson
 import pytest
 
+from schemas import decode, encode
 from sinks.base import SinkRecord
 from sinks.postgres import PostgresSink, migrate
 from streams.config import get_tenant
+from streams.domain.cases import ONCALL_DEFAULTS, replay
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +116,136 @@ def test_cli_db_migrate_and_case_show(stack, run_id):
     assert table.returncode == 0 and b"TRIGGERED -> ACKNOWLEDGED" in table.stdout
     missing = cli("case", "show", "PG-00000000000000000000-1", "--tenant", "on-call")
     assert missing.returncode == 1 and b"no case" in missing.stderr
+
+
+# --------------------------------------------------------------------------
+# on-call properties (the scenario of tests/unit/helpers.py, through the codec)
+# --------------------------------------------------------------------------
+
+_UNIT = str(Path(__file__).resolve().parents[1] / "unit")
+if _UNIT not in sys.path:
+    sys.path.insert(0, _UNIT)
+
+from helpers import ALICE, BOB, CAROL, World, emit, oncall_scenario  # noqa: E402
+
+
+def _wire(events: list[dict]) -> list[dict]:
+    """The events as a sink receives them: encoded and decoded."""
+    return [decode(encode(e)) for e in events]
+
+
+async def _write(sink: PostgresSink, batches: list[list[dict]]) -> None:
+    for n, batch in enumerate(batches):
+        await sink.write_batch([SinkRecord("t", 0, n * 1000 + i, e) for i, e in enumerate(batch)])
+
+
+def test_oncall_columns(stack, run_id):
+    tenant = get_tenant("on-call")
+    w = World(tenant, prefix=f"{run_id}-")
+    events = _wire(oncall_scenario(w, key=f"{run_id}/oncall"))
+    page_id, low_id = events[0]["case_id"], events[-1]["case_id"]
+    page = [e for e in events if e["case_id"] == page_id]
+    db = f"{stack.db_prefix}oncall_{run_id}"
+
+    async def drive():
+        await migrate(stack.postgres_dsn, db)
+        sink = PostgresSink(stack.postgres_dsn, db, tenant)
+        await sink.open()
+        try:
+            await _write(sink, [events[:4], events[4:]])
+            async with sink.pool.acquire() as conn:
+                rows = {r["case_id"]: dict(r) for r in await conn.fetch("SELECT * FROM cases")}
+            return rows, await sink.case(page_id), await sink.timeline(page_id)
+        finally:
+            await sink.close()
+
+    rows, state, timeline = asyncio.run(drive())
+    row = rows[page_id]
+    assert row["version"] == len(page) == state["version"]
+    assert orjson.loads(row["responders"]) == [ALICE, CAROL, BOB]  # PostgreSQL keeps names and emails
+    assert row["responder_users"] == ["u-alice", "u-carol", "u-bob"]
+    assert orjson.loads(row["targets"]) == [{"kind": "user", "id": "u-alice"},
+                                            {"kind": "schedule", "id": "sch-primary"},
+                                            {"kind": "team", "id": "team-db"}]
+    assert (row["escalation_policy_id"], row["escalation_policy_step_id"], row["escalation_policy_retry_count"],
+            row["escalation_active"], row["is_shadow"], row["sla_breaches"]) == (
+        "ep-db", "ep-db-s1", 0, False, False, ["resolution"])
+    added = next(e for e in reversed(page) if e["type"] == "RespondersAdded")
+    assert row["responders_added_at"] == _EPOCH + timedelta(milliseconds=added["occurred_at"])
+    assert row["time_to_first_acknowledge_ms"] == state["acknowledged_at"] - state["created_at"] > 0
+    assert row["time_to_first_acknowledge_ms"] == (row["acknowledged_at"] - row["created_at"]) // timedelta(
+        milliseconds=1)
+    low = rows[low_id]
+    assert (low["is_shadow"], low["escalation_active"], low["urgency"], low["responders"]) == (
+        True, True, "low", "[]")
+    assert [e["type"] for e in timeline] == [e["type"] for e in page]
+    assert {e["type"] for e in timeline} >= {"EscalationStepStarted", "RespondersAdded", "NotificationRequested",
+                                             "EscalationEnded", "AcknowledgeTimedOut", "SlaBreached",
+                                             "AutomationApplied"}
+
+
+def test_existing_database_migrates_to_the_oncall_columns(stack, run_id):
+    """A database at migration 0001 with a case in it: 0002 is applied alone, the
+    row gets the defaults (and its time to first acknowledge), later events fold."""
+    import asyncpg
+
+    from sinks.postgres import _CASE_COLUMNS, _checksum, case_row, ensure_database, migrations
+
+    tenant = get_tenant("on-call")
+    w = World(tenant, prefix=f"{run_id}-")
+    key = f"{run_id}/old"
+    cid = w.open_case(key)
+    w.send({"action": "acknowledge", "dedup_key": key})
+    before = _wire(w.events_of(cid))
+    old_state = {k: v for k, v in replay(tenant, before).items() if k not in ONCALL_DEFAULTS}
+    db = f"{stack.db_prefix}old_{run_id}"
+    (v1, name1, sql1), *_ = migrations()
+    old_cols = _CASE_COLUMNS[:_CASE_COLUMNS.index("escalation_policy_id")]
+
+    async def setup_old():  # what the previous release left behind
+        await ensure_database(stack.postgres_dsn, db)
+        conn = await asyncpg.connect(stack.postgres_dsn, database=db)
+        try:
+            await conn.execute("CREATE TABLE schema_migrations (version int PRIMARY KEY, name text NOT NULL, "
+                               "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            await conn.execute(sql1)
+            await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                               v1, name1, _checksum(sql1))
+            cols = ", ".join(f'"{c}"' for c in old_cols)
+            params = ", ".join(f"${i}" + ("::jsonb" if c in ("links", "custom_details", "assignee") else "")
+                               for i, c in enumerate(old_cols, start=1))
+            await conn.execute(f"INSERT INTO cases ({cols}) VALUES ({params})", *case_row(old_state)[:len(old_cols)])
+            await conn.execute("INSERT INTO case_states (case_id, version, state) VALUES ($1, $2, $3::jsonb)",
+                               cid, old_state["version"], orjson.dumps(old_state).decode())
+        finally:
+            await conn.close()
+
+    async def drive():
+        await setup_old()
+        applied = await migrate(stack.postgres_dsn, db)
+        again = await migrate(stack.postgres_dsn, db)
+        sink = PostgresSink(stack.postgres_dsn, db, tenant)
+        await sink.open()
+        try:
+            async with sink.pool.acquire() as conn:
+                migrated = dict(await conn.fetchrow("SELECT * FROM cases WHERE case_id = $1", cid))
+            later = _wire([emit(w, cid, "RespondersAdded", escalation_policy_step_id=None, responders=[ALICE]),
+                           emit(w, cid, "SlaBreached", sla="first_response", priority="P3",
+                                due_at=before[0]["occurred_at"] + 60_000)])
+            await _write(sink, [later])
+            async with sink.pool.acquire() as conn:
+                after = dict(await conn.fetchrow("SELECT * FROM cases WHERE case_id = $1", cid))
+            return applied, again, migrated, after
+        finally:
+            await sink.close()
+
+    applied, again, migrated, after = asyncio.run(drive())
+    assert applied == ["0002_oncall.sql"] and again == []
+    assert (migrated["escalation_policy_id"], migrated["escalation_policy_retry_count"], migrated["escalation_active"],
+            migrated["is_shadow"], migrated["targets"], migrated["responder_users"], migrated["responders"],
+            migrated["responders_added_at"], migrated["sla_breaches"]) == (
+        None, 0, False, False, "[]", [], "[]", None, [])
+    assert migrated["time_to_first_acknowledge_ms"] == 1000  # backfilled from acknowledged_at - created_at
+    assert after["version"] == old_state["version"] + 2
+    assert orjson.loads(after["responders"]) == [ALICE] and after["responder_users"] == ["u-alice"]
+    assert after["sla_breaches"] == ["first_response"] and after["time_to_first_acknowledge_ms"] == 1000

@@ -9,7 +9,7 @@ import orjson
 
 from streams.config import Tenant, load_tenants
 from streams.domain import cases as domain
-from streams.domain.intake import Intake, Rejection, parse
+from streams.domain.intake import Intake, Rejection, derive_id, parse
 
 TENANTS = load_tenants()
 CM = TENANTS["case-management"]
@@ -140,3 +140,67 @@ def only_event(d: domain.Decision, etype: str) -> dict:
     assert not d.duplicate and not d.noop
     assert [e["type"] for e in d.events] == [etype]
     return d.events[0]
+
+
+# --------------------------------------------------------------------------
+# on-call events (escalation, responders, notifications, SLA, automation)
+# --------------------------------------------------------------------------
+
+CAROL = {"id": "u-carol", "name": None, "email": None}
+
+
+def emit(w: World, case_id: str, etype: str, *, at: int | None = None, actor: dict | None = None,
+         **payload) -> dict:
+    """Append a domain event of ``etype`` to ``case_id`` in ``w``, the way a
+    producer of on-call events would: the next version, a derived event id,
+    folded into the stored case (so later ``decide`` calls see it)."""
+    dedup_key = w.mem.index[case_id]
+    entry = w.mem.entries[dedup_key]
+    case = entry["cases"][case_id]
+    w.n += 1
+    caused_by = f"{w.prefix}{w.n}"
+    version = case["version"] + 1
+    event = {
+        "event_id": derive_id("domain", w.tenant.name, case_id, str(version), caused_by),
+        "type": etype, "tenant": w.tenant.name, "case_id": case_id, "dedup_key": dedup_key,
+        "version": version, "occurred_at": at if at is not None else T0 + w.n * 1000,
+        "caused_by": caused_by, "actor": actor, **payload,
+    }
+    new = domain.compact(domain.apply(w.tenant, case, event))
+    w.mem.entries[dedup_key] = dict(entry, cases={**entry["cases"], case_id: new})
+    w.events.append(event)
+    return event
+
+
+def oncall_scenario(w: World, key: str = "prod/db") -> list[dict]:
+    """One page through every on-call event type, plus a low-urgency page
+    (no next escalation). Returns the events it added (also in ``w.events``)."""
+    start = len(w.events)
+    cid = w.open_case(key, severity="critical", priority="P2")
+    emit(w, cid, "AutomationApplied", rule_id="rule-db", trigger="case_created",
+         actions=["set_priority:P1", "add_tag:db"])
+    at = T0 + (w.n + 1) * 1000
+    emit(w, cid, "EscalationStepStarted", at=at, escalation_policy_id="ep-db", escalation_policy_step_id="ep-db-s1",
+         step_index=0, escalation_policy_retry_count=0, urgency="high", is_shadow=False,
+         targets=[{"kind": "user", "id": ALICE["id"]}, {"kind": "schedule", "id": "sch-primary"},
+                  {"kind": "team", "id": "team-db"}],
+         next_escalation_at=at + 300_000)
+    emit(w, cid, "RespondersAdded", escalation_policy_step_id="ep-db-s1", responders=[ALICE, CAROL])
+    for user in (ALICE, CAROL):
+        emit(w, cid, "NotificationRequested", notification_id=derive_id("notify", cid, user["id"]),
+             user_id=user["id"], escalation_policy_id="ep-db", escalation_policy_step_id="ep-db-s1",
+             escalation_policy_retry_count=0, urgency="high", is_shadow=False, reason="escalation")
+    emit(w, cid, "RespondersAdded", escalation_policy_step_id=None, responders=[BOB], actor=ALICE)
+    emit(w, cid, "NotificationRequested", notification_id=derive_id("notify", cid, BOB["id"]), user_id=BOB["id"],
+         escalation_policy_id=None, escalation_policy_step_id=None, escalation_policy_retry_count=0,
+         urgency=None, is_shadow=False, reason="automation")
+    acked = w.send(ack(key)).events[-1]
+    emit(w, cid, "EscalationEnded", escalation_policy_id="ep-db", reason="acknowledged", resolves_page=False)
+    emit(w, cid, "AcknowledgeTimedOut", acknowledged_at=acked["occurred_at"], timeout_seconds=1800)
+    emit(w, cid, "SlaBreached", sla="resolution", priority="P2", due_at=w.events[start]["occurred_at"] + 3_600_000)
+    # a shadow, low-urgency page: step 1 only, no next escalation
+    low = w.open_case(f"{key}/low", urgency="low")
+    emit(w, low, "EscalationStepStarted", escalation_policy_id="ep-db", escalation_policy_step_id="ep-db-s1",
+         step_index=0, escalation_policy_retry_count=0, urgency="low", is_shadow=True,
+         targets=[{"kind": "user", "id": BOB["id"]}], next_escalation_at=None)
+    return w.events[start:]

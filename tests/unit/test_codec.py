@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import schemas
-from helpers import BOB, CM, OC, TENANTS, World, ack, command, resolve, trigger
+from helpers import ALICE, BOB, CAROL, CM, OC, TENANTS, World, ack, command, oncall_scenario, resolve, trigger
 from schemas import SchemaError, decode, encode, load_registry
 from schemas.compat import check_pair, check_registry
-from streams.domain.cases import EVENT_TYPES
+from streams.domain.cases import EVENT_TYPES, replay
 
 SCHEMA_DIR = Path(schemas.__file__).resolve().parent
 INDEX = json.loads((SCHEMA_DIR / "index.json").read_text())
@@ -39,6 +39,7 @@ def all_events(tenant) -> list[dict]:
     w.send(ack("prod/api"))
     w.send(resolve("prod/api"))
     w.send(trigger(None))  # minimal trigger: generated key, no optional fields
+    oncall_scenario(w)     # the on-call event types (escalation, responders, SLA, automation)
     return w.events
 
 
@@ -52,6 +53,29 @@ def test_scenario_covers_every_event_type(events):
     assigned = [e for e in events if e["type"] == "Assigned"]
     assert assigned[1]["assignee"] is None and assigned[1]["previous_assignee"] == BOB
     assert assigned[1]["actor"] == {"id": "u-tool", "name": None, "email": None}
+
+
+ONCALL_TYPES = EVENT_TYPES[EVENT_TYPES.index("EscalationStepStarted"):]
+
+
+def test_scenario_events_fold_per_case(events):
+    """Every case's events are gapless from version 1 and fold with ``apply``."""
+    tenant = TENANTS[events[0]["tenant"]]
+    by_case: dict[str, list[dict]] = {}
+    for e in events:
+        by_case.setdefault(e["case_id"], []).append(e)
+    for cid, evs in by_case.items():
+        assert [e["version"] for e in evs] == list(range(1, len(evs) + 1)), cid
+        assert replay(tenant, evs)["version"] == len(evs)
+        assert replay(tenant, [decode(encode(e)) for e in evs]) == replay(tenant, evs)  # decoded events fold alike
+    page = replay(tenant, by_case[next(e["case_id"] for e in events if e["type"] == "AutomationApplied")])
+    assert page["responder_users"] == [ALICE["id"], CAROL["id"], BOB["id"]]
+    assert page["responders"] == [ALICE, CAROL, BOB]
+    assert page["targets"] == [{"kind": "user", "id": "u-alice"}, {"kind": "schedule", "id": "sch-primary"},
+                               {"kind": "team", "id": "team-db"}]
+    assert (page["escalation_policy_id"], page["escalation_policy_step_id"], page["escalation_active"],
+            page["is_shadow"], page["sla_breaches"]) == ("ep-db", "ep-db-s1", False, False, ["resolution"])
+    assert page["time_to_first_acknowledge"] == page["acknowledged_at"] - page["created_at"] > 0
 
 
 def test_round_trip_every_event(events):
@@ -112,6 +136,51 @@ def test_round_trip_timestamps_now():
         assert (d["occurred_at"], d["last_seen_at"]) == (ms, ms + 1)
 
 
+def _oncall(etype: str, n: int = 0) -> dict:
+    return [e for e in all_events(OC) if e["type"] == etype][n]
+
+
+def test_round_trip_nullable_timestamp():
+    """``next_escalation_at`` is a union of null and timestamp-millis: an int or None in dicts."""
+    step = _oncall("EscalationStepStarted")
+    assert isinstance(step["next_escalation_at"], int)
+    for ms in (None, 0, 1_795_514_400_001, 2_165_497_250_430):
+        d = decode(encode(dict(step, next_escalation_at=ms)))
+        assert d["next_escalation_at"] == ms and type(d["next_escalation_at"]) is type(ms)
+    assert _oncall("EscalationStepStarted", 1)["next_escalation_at"] is None
+
+
+def test_round_trip_oncall_payloads():
+    step = decode(encode(_oncall("EscalationStepStarted")))
+    assert step["targets"] == [{"kind": "user", "id": "u-alice"}, {"kind": "schedule", "id": "sch-primary"},
+                               {"kind": "team", "id": "team-db"}]
+    assert (step["step_index"], step["escalation_policy_retry_count"], step["urgency"], step["is_shadow"]) == (
+        0, 0, "high", False)
+    added = decode(encode(_oncall("RespondersAdded")))
+    assert added["responders"] == [ALICE, CAROL]  # names and emails travel in the event
+    manual = decode(encode(_oncall("RespondersAdded", 1)))
+    assert manual["escalation_policy_step_id"] is None and manual["actor"] == ALICE
+    auto = decode(encode(_oncall("NotificationRequested", 2)))
+    assert (auto["reason"], auto["escalation_policy_id"], auto["urgency"]) == ("automation", None, None)
+    ended = decode(encode(_oncall("EscalationEnded")))
+    assert (ended["reason"], ended["resolves_page"]) == ("acknowledged", False)
+    timed_out = decode(encode(_oncall("AcknowledgeTimedOut")))
+    assert isinstance(timed_out["acknowledged_at"], int) and timed_out["timeout_seconds"] == 1800
+    breached = decode(encode(_oncall("SlaBreached")))
+    assert (breached["sla"], breached["priority"]) == ("resolution", "P2") and isinstance(breached["due_at"], int)
+    assert decode(encode(_oncall("AutomationApplied")))["actions"] == ["set_priority:P1", "add_tag:db"]
+    big = dict(_oncall("AcknowledgeTimedOut"), timeout_seconds=2**40)  # long, not int
+    assert decode(encode(big))["timeout_seconds"] == 2**40
+
+
+@pytest.mark.parametrize("etype", ["EscalationStepStarted", "RespondersAdded", "NotificationRequested"])
+def test_encode_rejects_missing_required_payload(etype):
+    e = _oncall(etype)
+    required = next(k for k in ("user_id", "responders", "escalation_policy_id") if k in e)
+    with pytest.raises(Exception):
+        encode({k: v for k, v in e.items() if k != required})
+
+
 def _body(events) -> bytes:
     return encode(events[0])
 
@@ -170,6 +239,35 @@ def test_registry_covers_every_event_type():
     assert {i: s.type for i, s in reg.by_id.items()} == {v: k for k, v in INDEX_IDS.items()}
     assert reg.latest["CaseCreated"].json_fields == ("custom_details",)
     assert set(reg.latest["AlertDeduplicated"].ts_fields) == {"occurred_at", "last_seen_at"}
+
+
+@pytest.mark.parametrize("etype", ONCALL_TYPES)
+def test_oncall_schemas_share_the_header_and_document_their_payload(etype):
+    header = json.loads((SCHEMA_DIR / "avro/StatusChanged.v1.avsc").read_text())["fields"][:9]
+    raw = schemas.registry().latest[etype].raw
+    assert raw["namespace"] == "casestream.events" and raw["doc"]
+    assert raw["fields"][:9] == header
+
+    def documented(fields):
+        for f in fields:
+            assert f.get("doc"), f"{etype}.{f['name']} has no doc"
+            t = f["type"]
+            items = t.get("items") if isinstance(t, dict) and t.get("type") == "array" else None
+            if isinstance(items, dict) and items.get("type") == "record":
+                assert items.get("doc"), f"{etype}: record {items['name']} has no doc"
+                documented(items["fields"])
+
+    documented(raw["fields"][9:])
+    for f in raw["fields"][9:]:  # nullable payload fields default to null
+        if isinstance(f["type"], list):
+            assert f["type"][0] == "null" and f["default"] is None
+
+
+def test_index_ids_of_the_oncall_types():
+    assert [INDEX_IDS[t] for t in ONCALL_TYPES] == list(range(7, 14))
+    assert set(schemas.registry().latest["EscalationStepStarted"].ts_fields) >= {"occurred_at"}
+    assert set(schemas.registry().latest["AcknowledgeTimedOut"].ts_fields) == {"occurred_at", "acknowledged_at"}
+    assert set(schemas.registry().latest["SlaBreached"].ts_fields) == {"occurred_at", "due_at"}
 
 
 def test_checked_in_schemas_are_compatible():
