@@ -74,11 +74,9 @@ def _wrap(node: yaml.Node, path: str) -> _Node:
     return _Node(value, path, line)
 
 
-def _load_yaml(path: Path) -> _Node:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found; create it or set the path (see README 'Configuration')") from None
+def compose_yaml(path: Path | str, text: str) -> _Node | None:
+    """YAML text as a line-numbered node tree (None for an empty document);
+    a syntax error names the file and line."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -88,9 +86,18 @@ def _load_yaml(path: Path) -> _Node:
         started = f"; it starts at line {ctx.line + 1}" if ctx and mark and ctx.line != mark.line else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)}{started}); "
                           f"fix the syntax") from None
+    return None if root is None else _wrap(root, str(path))
+
+
+def _load_yaml(path: Path) -> _Node:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; create it or set the path (see README 'Configuration')") from None
+    root = compose_yaml(path, text)
     if root is None:
         raise ConfigError(f"{path}:1: file is empty; see README 'Configuration' for its shape")
-    return _wrap(root, str(path))
+    return root
 
 
 def _mapping(node: _Node, what: str) -> dict[str, _Node]:
@@ -301,7 +308,7 @@ class TopicFamily:
         return list(self.topics.values()) + [self.changelog(t) for t in self.tables]
 
 
-REQUIRED_ROLES = ("intake", "intake-routed", "domain-events", "dlq")
+REQUIRED_ROLES = ("intake", "intake-routed", "domain-events", "dlq", "timers")
 
 
 def app_id_for(tenant: str) -> str:
@@ -335,7 +342,7 @@ def load_topics(tenant: str, path: Path | str | None = None) -> TopicFamily:
     for role in REQUIRED_ROLES:
         if role not in specs:
             raise tnode.error(f"topics: missing the '{role}' topic; every tenant needs {', '.join(REQUIRED_ROLES)}")
-    for role in ("intake-routed",):
+    for role in ("intake-routed", "timers"):
         if specs[role].partitions != partitions:
             rnode = tnode.value[role]
             raise rnode.key_error("partitions", f"topic '{role}' must have the table partition count {partitions}")
