@@ -32,7 +32,18 @@ SEEN_LIMIT = 1024       # intake ids remembered per dedup key
 RECENT_LIMIT = 64       # of those, how many keep their outputs for re-sending
 MAX_CASES_PER_KEY = 50  # cases of a key kept in stream state (oldest closed ones go first)
 
-EVENT_TYPES = ("CaseCreated", "AlertDeduplicated", "StatusChanged", "Assigned", "CommentAdded", "PriorityChanged")
+EVENT_TYPES = ("CaseCreated", "AlertDeduplicated", "StatusChanged", "Assigned", "CommentAdded", "PriorityChanged",
+               # on-call paging and automation (streams/domain/oncall.py)
+               "EscalationStepStarted", "RespondersAdded", "NotificationRequested", "EscalationEnded",
+               "AcknowledgeTimedOut", "SlaBreached", "AutomationApplied")
+
+# The page's on-call properties (the seed's OnCallProperties), folded from
+# the escalation events; a case without a policy keeps the defaults.
+ONCALL_DEFAULTS = {
+    "escalation_policy_id": None, "escalation_policy_step_id": None, "escalation_policy_retry_count": 0,
+    "escalation_active": False, "is_shadow": False, "targets": [], "responder_users": [], "responders": [],
+    "responders_added_at": None, "time_to_first_acknowledge": None, "sla_breaches": [],
+}
 
 CASE_FIELDS = ("summary", "source", "severity", "component", "group", "class", "custom_details",
                "links", "project", "priority", "tags", "urgency")
@@ -40,9 +51,12 @@ CASE_FIELDS = ("summary", "source", "severity", "component", "group", "class", "
 # What stream state keeps of a case: what decisions need, never payloads
 # (custom_details can be 512 KiB). The full case is the projections' job.
 STATE_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity",
-                "priority", "urgency", "source", "project", "created_at", "last_seen_at",
-                "status_changed_at", "acknowledged_at", "resolved_at", "occurrence_count",
-                "assignee", "comment_count", "version", "updated_at")
+                "priority", "urgency", "source", "project", "component", "group", "class", "tags",
+                "created_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
+                "occurrence_count", "assignee", "comment_count", "version", "updated_at",
+                # on-call properties decisions read (responder names stay out of stream state)
+                "escalation_policy_id", "escalation_policy_step_id", "escalation_policy_retry_count",
+                "escalation_active", "is_shadow", "responder_users", "sla_breaches")
 
 
 @dataclass
@@ -64,6 +78,8 @@ class Decision:
 
 
 def new_entry(dedup_key: str) -> dict:
+    # "oncall" (case id -> escalation state and pending timers) is added by
+    # streams.domain.oncall when a case has any
     return {"dedup_key": dedup_key, "seq": 0, "open_case_id": None, "last_case_id": None,
             "cases": {}, "seen": [], "recent": []}
 
@@ -145,7 +161,7 @@ class _Builder:
         self.case = case
         self.events: list[dict] = []
 
-    def emit(self, etype: str, case_id: str, **payload) -> None:
+    def emit(self, etype: str, case_id: str, actor: dict | None | str = "intake", **payload) -> dict:
         version = (self.case["version"] if self.case else 0) + 1
         event = {
             # unique per tenant, case and version; the same input always gives the same id
@@ -157,28 +173,37 @@ class _Builder:
             "version": version,
             "occurred_at": self.intake.timestamp,
             "caused_by": self.intake.event_id,
-            "actor": self.intake.actor,
+            "actor": self.intake.actor if actor == "intake" else actor,
             **payload,
         }
         self.events.append(event)
         self.case = compact(apply(self.tenant, self.case, event))
         self.entry["cases"][case_id] = self.case
+        return event
 
     def decision(self, **kw) -> Decision:
         return Decision(events=self.events, entry=self.entry, **kw)
 
 
-def decide(tenant: Tenant, intake: Intake, entry: dict | None) -> Decision:
+def decide(tenant: Tenant, intake: Intake, entry: dict | None, oncall=None) -> Decision:
     """What ``intake`` does to the key whose entry is ``entry``.
 
     ``entry`` comes from :func:`lookup`; None means the key (or the case id
-    of a command) is unknown.
+    of a command) is unknown. ``oncall`` (an ``OnCallConfig``) adds what
+    follows a change: escalation, acknowledgement and SLA timers, automation
+    rules (``streams.domain.oncall``); without it only the case changes.
     """
     if already_seen(entry, intake.event_id):
         return Decision(duplicate=True)
     if intake.kind == "alert":
-        return _decide_alert(tenant, intake, entry)
-    return _decide_command(tenant, intake, entry)
+        d = _decide_alert(tenant, intake, entry)
+    else:
+        d = _decide_command(tenant, intake, entry)
+    if oncall is not None and d.events:
+        from streams.domain import oncall as paging
+
+        d = paging.follow_up(tenant, oncall, intake, d)
+    return d
 
 
 def _reject(reason: str, detail: str, entry: dict | None) -> Decision:
@@ -201,6 +226,8 @@ def _evict(entry: dict) -> None:
         if oldest is None:
             return
         del cases[oldest["case_id"]]
+        if oldest["case_id"] in entry.get("oncall", {}):
+            entry["oncall"] = {k: v for k, v in entry["oncall"].items() if k != oldest["case_id"]}
 
 
 def _decide_alert(tenant: Tenant, intake: Intake, entry: dict | None) -> Decision:
@@ -301,6 +328,7 @@ def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
             "created_at": at, "last_seen_at": at, "status_changed_at": at,
             "acknowledged_at": None, "resolved_at": None,
             "occurrence_count": 1, "assignee": None, "comment_count": 0,
+            **{k: (list(v) if isinstance(v, list) else v) for k, v in ONCALL_DEFAULTS.items()},
         }
     else:
         if case is None:
@@ -315,8 +343,9 @@ def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
         elif t == "StatusChanged":
             new["status"] = event["to_status"]
             new["status_changed_at"] = at
-            if event["to_status"] == tenant.actions["acknowledge"]:
-                new["acknowledged_at"] = new["acknowledged_at"] or at
+            if event["to_status"] == tenant.actions["acknowledge"] and new.get("acknowledged_at") is None:
+                new["acknowledged_at"] = at
+                new["time_to_first_acknowledge"] = at - case["created_at"]  # ms
             if event["to_status"] == tenant.final_status:
                 new["resolved_at"] = at
             elif event["from_status"] == tenant.final_status:
@@ -327,6 +356,26 @@ def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
             new["comment_count"] = case["comment_count"] + 1
         elif t == "PriorityChanged":
             new["priority"] = event["to_priority"]
+        elif t == "EscalationStepStarted":
+            new.update(escalation_policy_id=event["escalation_policy_id"],
+                       escalation_policy_step_id=event["escalation_policy_step_id"],
+                       escalation_policy_retry_count=event["escalation_policy_retry_count"],
+                       urgency=event["urgency"] or case.get("urgency"), is_shadow=event["is_shadow"],
+                       targets=[dict(t) for t in event["targets"]], escalation_active=True)
+        elif t == "RespondersAdded":
+            ids = list(case.get("responder_users") or [])
+            people = [dict(p) for p in case.get("responders") or []]
+            for person in event["responders"]:
+                if person["id"] not in ids:
+                    ids.append(person["id"])
+                    people.append(dict(person))
+            new.update(responder_users=ids, responders=people, responders_added_at=at)
+        elif t == "EscalationEnded":
+            new["escalation_active"] = False
+        elif t == "SlaBreached":
+            new["sla_breaches"] = list(case.get("sla_breaches") or []) + [event["sla"]]
+        elif t in ("NotificationRequested", "AcknowledgeTimedOut", "AutomationApplied"):
+            pass  # recorded in the timeline; no case field changes
         else:
             raise ValueError(f"unknown event type {t!r}")
     new["version"] = event["version"]
@@ -348,16 +397,18 @@ def replay(tenant: Tenant, events: list[dict]) -> dict | None:
 
 
 class InMemory:
-    """The apply stage over dicts: what ``agents.intake`` does over tables."""
+    """The apply stage over dicts: what ``agents.intake`` does over tables,
+    with due timers fired on request (``advance``) instead of by a clock."""
 
-    def __init__(self, tenant: Tenant):
+    def __init__(self, tenant: Tenant, oncall=None):
         self.tenant = tenant
+        self.oncall = oncall
         self.entries: dict[str, dict] = {}
         self.index: dict[str, str] = {}
 
     def handle(self, intake: Intake, offset: int | None = None) -> Decision:
         entry = lookup(intake, self.entries.get, self.index.get)
-        d = decide(self.tenant, intake, entry)
+        d = decide(self.tenant, intake, entry, self.oncall)
         if d.duplicate:
             return d
         for cid in d.created:
@@ -365,3 +416,29 @@ class InMemory:
         if d.entry is not None:
             self.entries[d.entry["dedup_key"]] = remember(d.entry, intake.event_id, [], offset)
         return d
+
+    def pending(self) -> list[dict]:
+        """Every pending timer, soonest first."""
+        from streams.domain.oncall import pending_timers
+
+        timers = [t for e in self.entries.values() for t in pending_timers(e).values()]
+        return sorted(timers, key=lambda t: (t["due_at"], t["timer_id"]))
+
+    def fire(self, timer: dict) -> Decision:
+        from streams.domain.oncall import decide_timer, timer_intake
+
+        entry = self.entries.get(timer["dedup_key"])
+        d = decide_timer(self.tenant, self.oncall, timer, entry)
+        if d.entry is not None:
+            self.entries[d.entry["dedup_key"]] = remember(d.entry, timer_intake(self.tenant, timer).event_id, [])
+        return d
+
+    def advance(self, now_ms: int) -> list[dict]:
+        """Fire every timer due by ``now_ms`` (in due order, including timers
+        that firing sets); the events they produced."""
+        events: list[dict] = []
+        while True:
+            due = [t for t in self.pending() if t["due_at"] <= now_ms]
+            if not due:
+                return events
+            events += self.fire(due[0]).events

@@ -64,18 +64,28 @@ class Intake:
     timestamp: int         # epoch milliseconds
     actor: dict | None
     fields: dict           # the remaining normalized fields
+    # when casestream received it (the intake record's Kafka timestamp, ms):
+    # escalation and acknowledgement timers count from here, not from the
+    # monitor's own (possibly skewed or old) event time
+    received_at: int | None = None
+
+    @property
+    def now(self) -> int:
+        """Processing time of this message (ms): its receipt, else its event time."""
+        return self.received_at if self.received_at is not None else self.timestamp
 
     def to_dict(self) -> dict:
         return {
             "kind": self.kind, "event_id": self.event_id, "op": self.op,
             "dedup_key": self.dedup_key, "case_id": self.case_id,
             "timestamp": self.timestamp, "actor": self.actor, "fields": self.fields,
+            "received_at": self.received_at,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Intake":
         return cls(d["kind"], d["event_id"], d["op"], d["dedup_key"], d["case_id"],
-                   d["timestamp"], d["actor"], d["fields"])
+                   d["timestamp"], d["actor"], d["fields"], d.get("received_at"))
 
 
 class _Invalid(Exception):
@@ -189,6 +199,15 @@ def _links(msg: dict) -> list[dict]:
     return out
 
 
+def _bool(msg: dict, key: str) -> bool:
+    v = msg.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _Invalid(f"'{key}' must be true or false, got {type(v).__name__}")
+    return v
+
+
 def _tags(msg: dict) -> list[str]:
     v = msg.get("tags")
     if v is None:
@@ -242,10 +261,15 @@ def _parse_alert(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> Int
         "priority": _enum(msg, "priority", PRIORITIES),
         "tags": _tags(msg),
         "urgency": urgency,
+        # on-call: an explicit policy wins over the routing rules; a shadow
+        # page runs its policy but every notification is marked shadow
+        "escalation_policy_id": _opt_str(msg, "escalation_policy_id"),
+        "is_shadow": _bool(msg, "is_shadow"),
     }
     source = fields["source"]
     actor = {"id": "monitor", "name": source, "email": None}
-    return Intake("alert", event_id, action, dedup_key, None, _timestamp(msg, received_ms), actor, fields)
+    return Intake("alert", event_id, action, dedup_key, None, _timestamp(msg, received_ms), actor, fields,
+                  received_ms)
 
 
 def _parse_command(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> Intake:
@@ -277,7 +301,8 @@ def _parse_command(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> I
         fields["text"] = _opt_str(msg, "text", MAX_COMMENT, required=True)
     elif command == "set_priority":
         fields["priority"] = _enum(msg, "priority", PRIORITIES, required=True)
-    return Intake("command", event_id, command, dedup_key, case_id, _timestamp(msg, received_ms), actor, fields)
+    return Intake("command", event_id, command, dedup_key, case_id, _timestamp(msg, received_ms), actor, fields,
+                  received_ms)
 
 
 def parse(raw: bytes | None, tenant: Tenant, received_ms: int) -> Intake | Rejection:

@@ -461,7 +461,7 @@ def test_new_entry_shape():
 
 def test_compact_keeps_exactly_state_fields():
     full = {f: f"v-{f}" for f in STATE_FIELDS}
-    full.update(custom_details={"big": "x" * 1000}, summary="s", links=[], tags=["t"])
+    full.update(custom_details={"big": "x" * 1000}, summary="s", links=[])
     c = compact(full)
     assert list(c) == list(STATE_FIELDS)
     assert c == {f: f"v-{f}" for f in STATE_FIELDS}
@@ -480,8 +480,10 @@ def test_stored_cases_hold_only_state_fields(name):
     cid = created["case_id"]
     for case in (d.cases[cid], w.case(cid)):     # ... stream state does not
         assert set(case) == set(STATE_FIELDS)
-        for f in ("custom_details", "summary", "links", "tags", "component", "group", "class"):
+        for f in ("custom_details", "summary", "links", "responders"):  # payloads and names stay out
             assert f not in case
+        # what routing and automation rules match on stays in
+        assert (case["tags"], case["component"], case["group"], case["class"]) == (["a"], "db", "g", "c")
     scenario(w)  # every other event type
     assert w.cases
     for entry in w.entries.values():

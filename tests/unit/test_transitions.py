@@ -18,7 +18,8 @@ STATUSES = {
 ALLOWED = {
     "case-management": {("OPEN", "IN_PROGRESS"), ("OPEN", "CLOSED"), ("IN_PROGRESS", "CLOSED"),
                         ("CLOSED", "OPEN")},
-    "on-call": {("TRIGGERED", "ACKNOWLEDGED"), ("TRIGGERED", "RESOLVED"), ("ACKNOWLEDGED", "RESOLVED")},
+    "on-call": {("TRIGGERED", "ACKNOWLEDGED"), ("TRIGGERED", "RESOLVED"), ("ACKNOWLEDGED", "RESOLVED"),
+                ("ACKNOWLEDGED", "TRIGGERED")},
 }
 DEFAULT = {"case-management": "OPEN", "on-call": "TRIGGERED"}
 ACTIONS = {
