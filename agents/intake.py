@@ -42,6 +42,7 @@ import schemas
 from streams import metrics
 from streams.app import Topology
 from streams.domain import cases as domain
+from streams.domain import oncall as paging
 from streams.domain.intake import UNKNOWN_CASE, Intake, Rejection, parse, routing_key
 
 log = logging.getLogger("casestream.intake")
@@ -78,8 +79,8 @@ def _headers(event: dict) -> list[tuple[str, bytes]]:
             ("case_id", event["case_id"].encode()), ("event_id", event["event_id"].encode())]
 
 
-def write_in_context(table, event, key: str, value: bytes) -> None:
-    """``table[key] = value`` as if during ``event``'s iteration.
+def write_in_context(table, event, key: str, value: bytes | None) -> None:
+    """``table[key] = value`` (``del table[key]`` for None) as if during ``event``'s iteration.
 
     Faust writes a table key to the changelog partition of the current
     event; a batch sets that context per key (the key's last event, which is
@@ -89,7 +90,10 @@ def write_in_context(table, event, key: str, value: bytes) -> None:
 
     token = _current_event.set(weakref.ref(event))
     try:
-        table[key] = value
+        if value is None:
+            del table[key]
+        else:
+            table[key] = value
     finally:
         _current_event.reset(token)
 
@@ -152,7 +156,16 @@ def register(topo: Topology) -> None:
         raw = topo.case_keys.get(case_id)
         return raw.decode() if raw is not None else None
 
-    @app.agent(topo.routed, name=f"{topo.family.app_id}.apply")
+    def get_timers(entry: dict | None) -> dict[str, dict]:
+        return paging.pending_timers(entry)
+
+    # the apply agent reads routed intake and due timers: both keyed by the
+    # routing token, so a case's timers arrive in its own partition
+    applied = app.topic(topo.family.name("intake-routed"), topo.family.name("timers"), key_type=bytes,
+                        value_type=bytes, key_serializer="raw", value_serializer="raw", internal=False)
+    timers_name = topo.family.name("timers")
+
+    @app.agent(applied, name=f"{topo.family.app_id}.apply")
     async def apply_cases(stream):
         # Batches: entries are read once and written once per batch (the last
         # state of each key), with the partition context of the key's last
@@ -160,31 +173,80 @@ def register(topo: Topology) -> None:
         # take_events only after the batch has been handled.
         async for events in stream.take_events(APPLY_BATCH, within=APPLY_WITHIN):
             started = time.perf_counter()
+            cfg = topo.oncall.current  # one configuration per batch
             cache: dict[str, dict | None] = {}
+            before: dict[str, dict] = {}      # dedup key -> pending timers as stored
             dirty: dict[str, tuple] = {}      # dedup key -> (event, entry)
             new_index: dict[str, tuple] = {}  # case id -> (event, dedup key)
+            stale: dict[str, object] = {}     # timer ids fired or cancelled -> event
 
             def entry_of(key: str) -> dict | None:
                 if key not in cache:
                     cache[key] = get_entry(key)
+                    before[key] = get_timers(cache[key])
                 return cache[key]
 
             def index_of(case_id: str) -> str | None:
                 return new_index[case_id][1] if case_id in new_index else get_index(case_id)
 
             for event in events:
-                apply_one(event, entry_of, index_of, cache, dirty, new_index)
+                if event.message.topic == timers_name:
+                    fire_one(event, cfg, entry_of, cache, dirty, stale, before)
+                else:
+                    apply_one(event, cfg, entry_of, index_of, cache, dirty, new_index, before)
             for key, (event, entry) in dirty.items():
                 write_in_context(topo.keys, event, key, orjson.dumps(entry))
+                sync_timers(event, before.get(key, {}), get_timers(entry), stale)
+            for timer_id, event in stale.items():
+                if topo.timers.get(timer_id) is not None:
+                    write_in_context(topo.timers, event, timer_id, None)
             for case_id, (event, key) in new_index.items():
                 write_in_context(topo.case_keys, event, case_id, key.encode())
             metrics.APPLY_SECONDS.labels(tname).observe(time.perf_counter() - started)
 
-    def apply_one(event, entry_of, index_of, cache, dirty, new_index) -> None:
+    def sync_timers(event, old: dict[str, dict], new: dict[str, dict], stale: dict) -> None:
+        """Keep the timers index in step with an entry's pending timers."""
+        for timer_id, timer in new.items():
+            if old.get(timer_id) != timer:
+                write_in_context(topo.timers, event, timer_id, orjson.dumps(timer))
+            stale.pop(timer_id, None)
+        for timer_id in old.keys() - new.keys():
+            stale[timer_id] = event
+
+    def observe(decision, outputs: list) -> None:
+        ack = tenant.actions["acknowledge"]
+        for kind, _key, value in outputs:
+            if kind == DOMAIN:
+                case = decision.entry["cases"].get(value["case_id"]) if decision.entry else None
+                metrics.record_oncall(tname, ack, value, case)
+
+    def fire_one(event, cfg, entry_of, cache, dirty, stale, before) -> None:
+        timer = orjson.loads(event.value)
+        entry = entry_of(timer["dedup_key"])
+        offset = f"timers:{event.message.offset}"
+        decision = paging.decide_timer(tenant, cfg, timer, entry)
+        if decision.duplicate:
+            if domain.is_redelivery(entry, paging.timer_intake(tenant, timer).event_id, offset):
+                send_outputs(domain.recorded_outputs(entry, paging.timer_intake(tenant, timer).event_id) or [])
+                dirty[entry["dedup_key"]] = (event, entry)
+                before[entry["dedup_key"]] = {}  # rewrite its timers index too
+            return
+        if decision.entry is None:  # not pending: fired already or cancelled
+            if not paging.is_pending(entry, timer):
+                stale.setdefault(timer["timer_id"], event)
+            return
+        outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
+        send_outputs(outputs)
+        observe(decision, outputs)
+        new = domain.remember(decision.entry, paging.timer_intake(tenant, timer).event_id, outputs, offset)
+        cache[new["dedup_key"]] = new
+        dirty[new["dedup_key"]] = (event, new)
+
+    def apply_one(event, cfg, entry_of, index_of, cache, dirty, new_index, before) -> None:
         env = orjson.loads(event.value)
         intake = Intake.from_dict(env["intake"])
         entry = domain.lookup(intake, entry_of, index_of)
-        decision = domain.decide(tenant, intake, entry)
+        decision = domain.decide(tenant, intake, entry, cfg)
         if decision.duplicate:
             # Already applied: no second effect. If Kafka is redelivering the
             # very record that applied it (a crash before the commit), re-send
@@ -195,6 +257,7 @@ def register(topo: Topology) -> None:
                 recorded = domain.recorded_outputs(entry, intake.event_id) or []
                 send_outputs(recorded)
                 dirty[entry["dedup_key"]] = (event, entry)
+                before[entry["dedup_key"]] = {}  # rewrite its timers index too
                 for kind, _key, value in recorded:
                     if kind == DOMAIN and value["type"] == "CaseCreated":
                         new_index[value["case_id"]] = (event, entry["dedup_key"])
@@ -209,6 +272,7 @@ def register(topo: Topology) -> None:
         else:
             metrics.INTAKE_MESSAGES.labels(tname, "noop" if decision.noop else "applied").inc()
         send_outputs(outputs)
+        observe(decision, outputs)
         if decision.entry is not None:
             new = domain.remember(decision.entry, intake.event_id, outputs, event.message.offset)
             cache[new["dedup_key"]] = new

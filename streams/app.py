@@ -29,10 +29,32 @@ class Topology:
     dlq: faust.TopicT
     keys: faust.Table | None
     case_keys: faust.Table | None
+    timers_topic: faust.TopicT | None = None
+    timers: faust.Table | None = None    # index of pending timers (timer id -> due time, case)
+    oncall: object | None = None         # streams.oncall_config.ConfigWatcher
+    clock: object | None = None          # streams.clock: when timers are due
     busy_sinks: set[str] = field(default_factory=set)  # sinks inside write_batch (for the watchdog)
 
 
 ROLES = ("all", "intake", "projections")
+
+
+def oncall_path_for(settings: Settings, tenant_name: str):
+    """The tenant's on-call file: ``<CASESTREAM_ONCALL_DIR>/<tenant>.yaml``."""
+    from pathlib import Path
+
+    from streams.config import PROJECT_ROOT
+
+    return Path(settings.oncall_dir or PROJECT_ROOT / "oncall") / f"{tenant_name}.yaml"
+
+
+def _reload_metric(tenant_name: str):
+    from streams import metrics
+
+    def on_reload(result: str, _detail: str) -> None:
+        metrics.CONFIG_RELOADS.labels(tenant_name, result).inc()
+
+    return on_reload
 
 
 def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
@@ -93,13 +115,24 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         case_keys=app.Table("case_keys", default=None, key_type=bytes, value_type=bytes,
                             options=table_opts, help="case id -> dedup key (write-once index)")
         if has_intake else None,
+        timers_topic=_raw_topic(app, family.name("timers")),
+        timers=app.Table("timers", default=None, key_type=bytes, value_type=bytes, options=table_opts,
+                         help="timer id -> due time and case (index of the pending timers)")
+        if has_intake else None,
     )
     from agents import intake  # agents are thin shells over streams.domain
 
     inputs: set[str] = set()
     if has_intake:
+        from agents import timers
+        from streams.clock import make_clock
+        from streams.oncall_config import ConfigWatcher
+
+        topo.oncall = ConfigWatcher(tenant, oncall_path_for(settings, tenant.name), on_reload=_reload_metric(tenant.name))
+        topo.clock = make_clock(settings.clock)
         intake.register(topo)
-        inputs |= {family.name("intake"), family.name("intake-routed")}
+        timers.register(topo, tick=settings.timer_tick)
+        inputs |= {family.name("intake"), family.name("intake-routed"), family.name("timers")}
     if role in ("all", "projections"):
         from agents import projections
         from sinks import build_sinks

@@ -25,6 +25,8 @@ from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
 from streams.domain import cases as domain
 from streams.domain.intake import Rejection, parse
 from sinks.elasticsearch import index_name
+from streams.app import oncall_path_for
+from streams.oncall_config import load_oncall
 from streams.settings import Settings
 
 DEMO_DIR = PROJECT_ROOT / "demo"
@@ -51,18 +53,23 @@ def personalize(lines: list[bytes], run: str) -> list[bytes]:
     return out
 
 
-def expected_outputs(tenant, lines: list[bytes]) -> tuple[int, int]:
-    """(domain events, dead letters) the feed produces, by the pure domain."""
-    world = domain.InMemory(tenant)
+def expected_outputs(tenant, lines: list[bytes], oncall=None, now_ms: int | None = None) -> tuple[int, int]:
+    """(domain events, dead letters) the feed produces, by the pure domain,
+    with the tenant's on-call config: paging, automation, and the timers
+    already due at ``now_ms`` (SLA deadlines of the feed's old timestamps)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    world = domain.InMemory(tenant, oncall)
     n_events = n_dlq = 0
     for raw in lines:
-        it = parse(raw, tenant, 0)
+        it = parse(raw, tenant, now_ms)
         if isinstance(it, Rejection):
             n_dlq += 1
             continue
         d = world.handle(it)
         n_events += len(d.events)
         n_dlq += d.rejection is not None
+    if oncall is not None:
+        n_events += len(world.advance(now_ms))
     return n_events, n_dlq
 
 
@@ -80,6 +87,22 @@ def _describe(e: dict) -> str:
         return repr(e["text"][:60])
     if t == "PriorityChanged":
         return f"{e.get('from_priority') or '-'} -> {e['to_priority']}"
+    if t == "EscalationStepStarted":
+        return (f"policy {e['escalation_policy_id']} step {e['step_index'] + 1}"
+                f"{' (retry ' + str(e['escalation_policy_retry_count']) + ')' if e['escalation_policy_retry_count'] else ''}"
+                f", urgency {e.get('urgency') or '-'}{', shadow' if e['is_shadow'] else ''}")
+    if t == "RespondersAdded":
+        return "responders " + ", ".join(r["id"] for r in e["responders"])
+    if t == "NotificationRequested":
+        return f"notify {e['user_id']}{' (shadow)' if e['is_shadow'] else ''}"
+    if t == "EscalationEnded":
+        return f"policy {e['escalation_policy_id']}: {e['reason']}"
+    if t == "AcknowledgeTimedOut":
+        return f"acknowledged {e['timeout_seconds']} s ago, not resolved"
+    if t == "SlaBreached":
+        return f"{e['sla']} SLA of {e['priority']}"
+    if t == "AutomationApplied":
+        return f"rule {e['rule_id']}: {', '.join(e['actions'])}"
     return ""
 
 
@@ -248,7 +271,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
                 continue
             lines = personalize([ln for ln in feed.read_bytes().splitlines() if ln.strip()], run)
             tenant = get_tenant(t, settings.tenants_file)
-            n_events, n_dlq = expected_outputs(tenant, lines)
+            n_events, n_dlq = expected_outputs(tenant, lines, load_oncall(tenant, oncall_path_for(settings, t)))
             want += n_events + n_dlq
             asyncio.run(send_lines(settings.kafka_bootstrap_servers, families[t].name("intake"), lines, tenant))
             say(f"    {t}: {len(lines)} messages -> expecting {n_events} domain events, {n_dlq} dead letters")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 INTAKE_MESSAGES = Counter(
     "casestream_intake_messages_total", "Intake messages consumed, by outcome.", ["tenant", "outcome"])
@@ -17,6 +17,54 @@ PROJECTED = Counter(
 APPLY_SECONDS = Histogram(
     "casestream_apply_duration_seconds", "Time to decide and apply one batch of routed intake messages.", ["tenant"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+# on-call paging and automation (streams/domain/oncall.py, agents/timers.py)
+TIME_TO_ACKNOWLEDGE = Histogram(
+    "casestream_time_to_acknowledge_seconds", "From case creation to its first acknowledgement.", ["tenant"],
+    buckets=(10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400))
+ESCALATION_STEPS = Counter(
+    "casestream_escalation_steps_total", "Escalation steps started, by policy and step number (1-based).",
+    ["tenant", "policy", "step"])
+ESCALATIONS_ENDED = Counter(
+    "casestream_escalations_ended_total",
+    "Escalations that ended, by outcome: acknowledged (success: before the policy ended), resolved, "
+    "policy_end (nobody acknowledged), superseded, policy_removed.", ["tenant", "outcome"])
+SLA_BREACHES = Counter(
+    "casestream_sla_breaches_total", "SLA targets breached, by SLA (first_response, resolution).", ["tenant", "sla"])
+AUTOMATIONS = Counter(
+    "casestream_automation_rules_applied_total", "Automation rules applied, by rule.", ["tenant", "rule"])
+NOTIFICATIONS_REQUESTED = Counter(
+    "casestream_notifications_requested_total", "Notifications requested by escalation, shadow or not.",
+    ["tenant", "shadow"])
+TIMERS_PENDING = Gauge(
+    "casestream_timers_pending", "Timers pending in this worker's partitions, by kind.", ["tenant", "kind"])
+TIMERS_FIRED = Counter(
+    "casestream_timers_fired_total", "Due timers sent for firing (a timer may be re-sent; it fires once).",
+    ["tenant", "kind"])
+TIMER_LATENESS = Histogram(
+    "casestream_timer_lateness_seconds", "How late a due timer was sent, by the worker's clock.", ["tenant"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))
+CONFIG_RELOADS = Counter(
+    "casestream_config_reloads_total", "On-call configuration reloads, by result (ok, error).",
+    ["tenant", "result"])
+
+
+def record_oncall(tenant: str, ack_status: str, event: dict, case: dict | None) -> None:
+    """On-call metrics of one emitted domain event (``case``: the case state after it)."""
+    t = event["type"]
+    if t == "EscalationStepStarted":
+        ESCALATION_STEPS.labels(tenant, event["escalation_policy_id"], str(event["step_index"] + 1)).inc()
+    elif t == "EscalationEnded":
+        ESCALATIONS_ENDED.labels(tenant, event["reason"]).inc()
+    elif t == "SlaBreached":
+        SLA_BREACHES.labels(tenant, event["sla"]).inc()
+    elif t == "AutomationApplied":
+        AUTOMATIONS.labels(tenant, event["rule_id"]).inc()
+    elif t == "NotificationRequested":
+        NOTIFICATIONS_REQUESTED.labels(tenant, str(event["is_shadow"]).lower()).inc()
+    elif t == "StatusChanged" and event["to_status"] == ack_status and case is not None \
+            and case.get("acknowledged_at") == event["occurred_at"] and case.get("created_at") is not None:
+        TIME_TO_ACKNOWLEDGE.labels(tenant).observe((event["occurred_at"] - case["created_at"]) / 1000)
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -26,6 +26,9 @@ class Settings:
     db_prefix: str = "casestream_"
     projections: tuple[str, ...] = ("postgres", "elasticsearch")
     index_prefix: str = ""
+    oncall_dir: Path | None = None        # per-tenant on-call config: <dir>/<tenant>.yaml
+    clock: str = "system"                 # "system", or "file:<path>" (tests: a file holding epoch ms)
+    timer_tick: float = 0.5               # seconds between scans for due timers
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -56,6 +59,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres,elasticsearch").split(",")
                           if p.strip()),
         index_prefix=env.get("CASESTREAM_INDEX_PREFIX", ""),
+        oncall_dir=Path(env.get("CASESTREAM_ONCALL_DIR", config_dir / "oncall")),
+        clock=env.get("CASESTREAM_CLOCK", "system"),
+        timer_tick=float(env.get("CASESTREAM_TIMER_TICK", "0.5")),
     )
 
 

@@ -190,7 +190,9 @@ class Stack:
         env.update(KAFKA_BOOTSTRAP_SERVERS=self.kafka, ELASTICSEARCH_URL=self.elasticsearch,
                    PYTHONPATH=str(PROJECT_ROOT), CASESTREAM_STALL_SECONDS="15",
                    CASESTREAM_DB_PREFIX=self.db_prefix, POSTGRES_DSN=self.postgres_dsn,
-                   CASESTREAM_INDEX_PREFIX=self.index_prefix)
+                   CASESTREAM_INDEX_PREFIX=self.index_prefix,
+                   # no on-call config unless a test gives one: foundation tests see only case changes
+                   CASESTREAM_ONCALL_DIR=str(self.base_dir / "no-oncall-config"))
         return env
 
     def topic(self, tenant: str, role: str) -> str:
@@ -201,20 +203,23 @@ class Stack:
         asyncio.run(create_topics(self.kafka, fams))
 
     def worker(self, tenant: str, *, instance_id: str | None = None, data_dir: Path | None = None,
-               role: str = "all") -> Worker:
+               role: str = "all", env: dict | None = None) -> Worker:
         iid = instance_id or f"test-{tenant}-{role}-{uuid.uuid4().hex[:6]}"
         ddir = data_dir or (self.base_dir / iid)
-        w = Worker(tenant, iid, ddir, self.env, self.base_dir / f"{iid}.log", free_port(), role=role)
+        w = Worker(tenant, iid, ddir, dict(self.env, **(env or {})), self.base_dir / f"{iid}.log", free_port(),
+                   role=role)
         self.workers.append(w)
         return w.start()
 
     # -- publishing -----------------------------------------------------------
 
-    def send(self, tenant: str, messages: list, *, key_by_dedup: bool = True) -> None:
-        """Publish intake messages (dicts are JSON-encoded, bytes sent as is)."""
-        asyncio.run(self._send(self.topic(tenant, "intake"), messages, key_by_dedup))
+    def send(self, tenant: str, messages: list, *, key_by_dedup: bool = True, timestamp_ms: int | None = None) -> None:
+        """Publish intake messages (dicts are JSON-encoded, bytes sent as is),
+        with the record timestamp ``timestamp_ms`` when given (the receipt
+        time on-call timers count from)."""
+        asyncio.run(self._send(self.topic(tenant, "intake"), messages, key_by_dedup, timestamp_ms))
 
-    async def _send(self, topic: str, messages: list, key_by_dedup: bool) -> None:
+    async def _send(self, topic: str, messages: list, key_by_dedup: bool, timestamp_ms: int | None = None) -> None:
         from aiokafka import AIOKafkaProducer
 
         producer = AIOKafkaProducer(bootstrap_servers=self.kafka, acks="all",
@@ -228,7 +233,7 @@ class Stack:
                 if key_by_dedup and isinstance(m, dict):
                     k = m.get("dedup_key") or m.get("case_id")
                     key = k.encode() if k else None
-                futs.append(await producer.send(topic, raw, key=key))
+                futs.append(await producer.send(topic, raw, key=key, timestamp_ms=timestamp_ms))
             await asyncio.gather(*futs)
         finally:
             await producer.stop()
