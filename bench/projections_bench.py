@@ -71,11 +71,16 @@ def workload(n: int, open_keys: int, run: str) -> list[bytes]:
 
 
 def expected(lines: list[bytes]) -> tuple[int, dict[str, int]]:
+    """Events the feed produces, by the pure domain with the tenant's on-call
+    config, at the time of receipt (schedules answer for now)."""
+    from streams.oncall_config import load_oncall
+
     tenant = get_tenant(TENANT)
-    world = domain.InMemory(tenant)
+    world = domain.InMemory(tenant, load_oncall(tenant, ROOT / "oncall" / f"{TENANT}.yaml"))
+    now = int(time.time() * 1000)
     n, latest = 0, {}
     for raw in lines:
-        d = world.handle(parse(raw, tenant, 0))
+        d = world.handle(parse(raw, tenant, now))
         for e in d.events:
             n += 1
             latest[e["case_id"]] = e["version"]
