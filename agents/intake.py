@@ -43,7 +43,7 @@ from streams import metrics
 from streams.app import Topology
 from streams.domain import cases as domain
 from streams.domain import oncall as paging
-from streams.domain.intake import UNKNOWN_CASE, Intake, Rejection, parse, routing_key
+from streams.domain.intake import PROCESSING_ERROR, UNKNOWN_CASE, Intake, Rejection, parse, routing_key
 
 log = logging.getLogger("casestream.intake")
 
@@ -190,10 +190,13 @@ def register(topo: Topology) -> None:
                 return new_index[case_id][1] if case_id in new_index else get_index(case_id)
 
             for event in events:
-                if event.message.topic == timers_name:
-                    fire_one(event, cfg, entry_of, cache, dirty, stale, before)
-                else:
-                    apply_one(event, cfg, entry_of, index_of, cache, dirty, new_index, before)
+                try:
+                    if event.message.topic == timers_name:
+                        fire_one(event, cfg, entry_of, cache, dirty, stale, before)
+                    else:
+                        apply_one(event, cfg, entry_of, index_of, cache, dirty, new_index, before)
+                except Exception as exc:  # a bug must not stop the partition or lose the record
+                    failed(event, exc)
             for key, (event, entry) in dirty.items():
                 write_in_context(topo.keys, event, key, orjson.dumps(entry))
                 sync_timers(event, before.get(key, {}), get_timers(entry), stale)
@@ -212,6 +215,21 @@ def register(topo: Topology) -> None:
             stale.pop(timer_id, None)
         for timer_id in old.keys() - new.keys():
             stale[timer_id] = event
+
+    def failed(event, exc: Exception) -> None:
+        """Dead-letter a record whose processing raised (state untouched: a
+        replay after the fix applies it), and keep going."""
+        msg = event.message
+        log.exception("processing %s:%s@%s failed; dead-lettered as %s", msg.topic, msg.partition, msg.offset,
+                      PROCESSING_ERROR)
+        original = event.value
+        if msg.topic != timers_name:
+            try:
+                original = orjson.loads(event.value)["original"].encode("utf-8")
+            except Exception:
+                pass
+        rej = Rejection(PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
+        send_dlq(msg.key, dead_letter(rej, msg.topic, msg.partition, msg.offset, original))
 
     def observe(decision, outputs: list) -> None:
         ack = tenant.actions["acknowledge"]

@@ -43,7 +43,10 @@ TOO_LARGE = "too_large"
 NO_OPEN_CASE = "no_open_case"
 INVALID_TRANSITION = "invalid_transition"
 UNKNOWN_CASE = "unknown_case"
-REASONS = (INVALID_JSON, INVALID_EVENT, TOO_LARGE, NO_OPEN_CASE, INVALID_TRANSITION, UNKNOWN_CASE)
+# a message (or due timer) whose processing raised: a bug, not bad input; the
+# partition keeps flowing and the record can be replayed after a fix
+PROCESSING_ERROR = "processing_error"
+REASONS = (INVALID_JSON, INVALID_EVENT, TOO_LARGE, NO_OPEN_CASE, INVALID_TRANSITION, UNKNOWN_CASE, PROCESSING_ERROR)
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,34 @@ def test_cli_topics_send_tail(stack, run_id):
     bad = _cli(stack, "worker", "--tenant", "nope")
     assert bad.returncode == 2 and b"unknown tenant 'nope'" in bad.stderr
     assert b"case-management, on-call" in bad.stderr
+
+
+def test_a_record_that_cannot_be_processed_is_dead_lettered_and_the_partition_flows(stack, run_id):
+    """Garbage written straight to the internal topics (not through route) raises in the apply
+    agent: the record goes to the DLQ as processing_error and the next record of the same
+    partition is applied."""
+    from streams.domain.intake import routing_token
+
+    key = f"{run_id}/after-garbage"
+    token = routing_token(key).encode()
+
+    async def garbage():
+        from aiokafka import AIOKafkaProducer
+
+        p = AIOKafkaProducer(bootstrap_servers=stack.kafka, acks="all")
+        await p.start()
+        try:
+            for role, body in (("intake-routed", b'{"not": "an envelope ' + run_id.encode() + b'"}'),
+                               ("timers", b'{"timer_id": "' + run_id.encode() + b'"}')):
+                await p.send_and_wait(stack.topic("on-call", role), body, key=token)
+        finally:
+            await p.stop()
+
+    asyncio.run(garbage())
+    stack.send("on-call", [{"event_id": f"{run_id}-ok", "action": "trigger", "dedup_key": key, "summary": "ok"}])
+    dead = stack.read("on-call", "dlq", lambda r: run_id in (r.get("original") or ""), count=2)
+    assert {d["reason"] for d in dead} == {"processing_error"}
+    assert {d["source"]["topic"] for d in dead} == {stack.topic("on-call", "intake-routed"),
+                                                    stack.topic("on-call", "timers")}
+    assert all(d["detail"] for d in dead)
+    assert stack.read("on-call", "domain-events", by_key(key), count=1)[0]["type"] == "CaseCreated"
