@@ -27,6 +27,14 @@ entry. Crash safety under Faust's at-least-once delivery:
   and the state rewritten, in case the crash lost them after the local
   store had them; a message merely sent twice produces nothing.
 Consumers deduplicate by ``event_id`` or ``(case_id, version)``.
+
+``apply_cases`` also reads ``T.timers`` (due timers sent by
+``agents/timers.py``, keyed like the routed intake): ``decide_timer`` fires
+a timer only while the entry still holds it, and the same redelivery rules
+apply (its input id derives from the timer id). The ``timers`` table -- the
+index the scheduler scans -- is kept in step with each written entry's
+pending timers. The decisions use the tenant's on-call configuration as it
+is when the batch starts (``streams/oncall_config.py``).
 """
 
 from __future__ import annotations
