@@ -363,9 +363,9 @@ def cmd_api(args, settings: Settings) -> int:
 
     from streams.api import create_api
 
-    print(f"casestream api on http://{args.host}:{args.port} (tenants: "
+    print(f"casestream api on http://{args.host}:{args.port}, routes {args.routes} (tenants: "
           f"{', '.join(sorted(load_tenants(settings.tenants_file)))})", file=sys.stderr, flush=True)
-    web.run_app(create_api(settings), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(create_api(settings, args.routes), host=args.host, port=args.port, print=None, access_log=None)
     return EXIT_OK
 
 
@@ -549,6 +549,135 @@ def cmd_oncall(args, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------
+# integrations: keys of the intake gateway
+# --------------------------------------------------------------------------
+
+
+def _duration_seconds(text: str, what: str) -> int:
+    """``24h``, ``30m``, ``90s``, ``1d``, ``1h30m`` or plain seconds."""
+    import re
+
+    t = (text or "").strip().lower()
+    if t.isdigit():
+        return int(t)
+    m = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", t)
+    if not t or m is None:
+        raise CliError(f"{what}: a duration like 24h, 30m, 90s or 1h30m, got {text!r}", EXIT_USAGE)
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+def _integration_options(items: list[str]) -> dict:
+    """``--option key=value``: the value as JSON when it is JSON (5, true, [..]), else as a string."""
+    out: dict = {}
+    for item in items or ():
+        k, sep, v = item.partition("=")
+        k = k.strip()
+        if not sep or not k:
+            raise CliError(f"--option: key=value, e.g. dedup_by=group, got {item!r}", EXIT_USAGE)
+        if k in out:
+            raise CliError(f"--option: {k!r} given twice", EXIT_USAGE)
+        try:
+            out[k] = orjson.loads(v)
+        except orjson.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _when(dt) -> str | None:
+    from datetime import timezone
+
+    return None if dt is None else dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key_rows(keys: list[dict]) -> list[dict]:
+    return [{"key": i + 1, "created": _when(k["created_at"]), "expires": _when(k["expires_at"]),
+             "revoked": _when(k["revoked_at"]), "valid": k["valid"]} for i, k in enumerate(keys)]
+
+
+def cmd_integrations(args, settings: Settings) -> int:
+    from sinks.postgres import MigrationError
+    from streams.integrations import IntegrationError, IntegrationStore, endpoint
+
+    tenants = load_tenants(settings.tenants_file)
+    options = _integration_options(args.option) if args.action == "create" else None
+    overlap = _duration_seconds(args.overlap, "--overlap") if args.action == "rotate" else None
+
+    async def listed(store, integration_id: str) -> dict:
+        return next(i for i in await store.list(args.tenant) if i["id"] == integration_id)
+
+    async def go():
+        store = IntegrationStore(settings.postgres_dsn, settings.db_prefix, tenants, cache_seconds=0)
+        try:
+            if args.action == "create":
+                integ, key = await store.create(args.tenant, args.kind, args.name, options, signed=args.signed)
+                out = {"id": integ.id, "tenant": integ.tenant, "kind": integ.kind, "name": integ.name,
+                       "options": integ.options, "signed": integ.signing_secret is not None,
+                       "created_at": integ.created_at, "key": key}
+                if integ.signing_secret is not None:
+                    out["signing_secret"] = integ.signing_secret
+                return out
+            if args.action == "list":
+                return await store.list(args.tenant)
+            if args.action == "rotate":
+                key = await store.rotate(args.tenant, args.id, overlap)
+                integ = await listed(store, args.id)
+                return {"id": args.id, "tenant": args.tenant, "kind": integ["kind"], "name": integ["name"],
+                        "key": key, "overlap_seconds": overlap, "keys": integ["keys"]}
+            await store.revoke(args.tenant, args.id)
+            integ = await listed(store, args.id)
+            return {"id": args.id, "tenant": args.tenant, "kind": integ["kind"], "name": integ["name"],
+                    "revoked_at": integ["revoked_at"], "keys": integ["keys"]}
+        finally:
+            await store.close()
+
+    try:
+        result = asyncio.run(asyncio.wait_for(go(), timeout=args.timeout))
+    except (IntegrationError, MigrationError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except Exception as exc:
+        raise CliError(f"integrations {args.action} on {_safe_dsn(settings.postgres_dsn)} failed: "
+                       f"{exc.__class__.__name__} {exc}. Is PostgreSQL up?") from None
+
+    if args.action in ("create", "rotate"):
+        kind, key = result["kind"], result["key"]
+        result["path"] = "/v2/enqueue" if kind == "pagerduty" else f"/v1/integrations/{key}/{kind}"
+        result["use"] = endpoint(kind, key)
+        if result.get("signing_secret"):
+            result["signature_header"] = ("X-Casestream-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256("
+                                          "signing_secret, \"<t>.\" + raw body)>")
+    if args.json:
+        emit_json(result)
+        return EXIT_OK
+    if args.action == "list":
+        rows = []
+        for i in result:
+            valid = [k for k in i["keys"] if k["valid"]]
+            expiring = [k["expires_at"] for k in valid if k["expires_at"] is not None]
+            rows.append({"id": i["id"], "kind": i["kind"], "name": i["name"], "signed": i["signed"],
+                         "options": orjson.dumps(i["options"]).decode() if i["options"] else None,
+                         "created": _when(i["created_at"]),
+                         "state": f"revoked {_when(i['revoked_at'])}" if i["revoked_at"] else "active",
+                         "valid_keys": len(valid), "next_expiry": _when(min(expiring)) if expiring else None})
+        print_table(rows, ["id", "kind", "name", "signed", "options", "created", "state", "valid_keys",
+                           "next_expiry"])
+        return EXIT_OK
+    fields = ["id", "tenant", "kind", "name", "options", "signed", "created_at", "revoked_at", "key",
+              "signing_secret", "use", "signature_header", "overlap_seconds"]
+    shown_value = {"options": lambda v: orjson.dumps(v).decode()}
+    print_table([{"field": f, "value": _when(result[f]) if f.endswith("_at") else
+                  shown_value.get(f, lambda v: v)(result[f])}
+                 for f in fields if f in result and result[f] not in (None, {})], ["field", "value"])
+    if args.action in ("create", "rotate"):
+        shown = "key and signing secret are" if result.get("signing_secret") else "key is"
+        print(f"\nThe {shown} shown only this once: only a hash of the key is kept.")
+    if "keys" in result:
+        print()
+        print_table(_key_rows(result["keys"]), ["key", "created", "expires", "revoked", "valid"])
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------
 
@@ -628,10 +757,15 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--json", action="store_true")
     cs.set_defaults(func=cmd_case)
 
-    ap = sub.add_parser("api", help="serve the search, case, timeline and analytics HTTP API",
-                        description="A stateless HTTP service over every tenant's index and database.")
+    ap = sub.add_parser("api", help="serve the HTTP API: the intake gateway and the analyst's view",
+                        description="A stateless HTTP service for every tenant: the intake gateway (monitors "
+                                    "post alerts: /v2/enqueue, /v1/integrations/<key>/<kind>) and the analyst's "
+                                    "view (search, case, timeline, analytics). Run several behind a load balancer. "
+                                    "GET /openapi.json describes every route.")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--routes", choices=["all", "intake", "query"], default=os.environ.get("CASESTREAM_API_ROUTES", "all"),
+                    help="all (default), intake (the gateway only) or query (the analyst's view only)")
     ap.set_defaults(func=cmd_api)
 
     se = sub.add_parser("search", help="search a tenant's cases (Elasticsearch)",
@@ -684,6 +818,36 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--at", help="who: at this RFC 3339 time (default: now)")
     oc.add_argument("--json", action="store_true")
     oc.set_defaults(func=cmd_oncall)
+
+    ig = sub.add_parser("integrations", help="integrations of the intake gateway: create, list, rotate, revoke keys",
+                        description="An integration connects one monitor (pagerduty, alertmanager, grafana, datadog, "
+                                    "events) of a tenant to the intake gateway. Its key is shown once, at create "
+                                    "and rotate; only its hash is stored in the tenant's database.")
+    igs = ig.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ic = igs.add_parser("create", help="a new integration and its key (shown once)",
+                        description="Create an integration; prints its key once (and its signing secret once "
+                                    "with --signed) and where the monitor sends.")
+    ic.add_argument("--kind", required=True, choices=["pagerduty", "alertmanager", "grafana", "datadog", "events"])
+    ic.add_argument("--name", required=True, help="what the monitor is, e.g. 'prod alertmanager'")
+    ic.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the integration, e.g. dedup_by=group (repeatable; a JSON value is parsed)")
+    ic.add_argument("--signed", action="store_true",
+                    help="require X-Casestream-Signature (HMAC-SHA256) on every request; prints the secret once")
+    il = igs.add_parser("list", help="the tenant's integrations and their keys' validity (never secrets)")
+    ir = igs.add_parser("rotate", help="a new key; the current keys expire after --overlap",
+                        description="Create a new key; the integration's current keys stay valid for --overlap "
+                                    "(default 24h; 0s: they stop at once).")
+    ir.add_argument("id", help="integration id (int_...)")
+    ir.add_argument("--overlap", default="24h", help="how long the current keys stay valid: 24h, 30m, 90s (default 24h)")
+    iv = igs.add_parser("revoke", help="invalidate the integration and all its keys at once",
+                        description="Revoke an integration: every key of it stops working at once (gateways "
+                                    "cache look-ups for a few seconds).")
+    iv.add_argument("id", help="integration id (int_...)")
+    for x in (ic, il, ir, iv):
+        x.add_argument("--tenant", required=True, help="the tenant the integration belongs to")
+        x.add_argument("--timeout", type=float, default=30.0)
+        x.add_argument("--json", action="store_true")
+        x.set_defaults(func=cmd_integrations)
 
     d = sub.add_parser("demo", help="services, topics, a worker per tenant, a demo feed; show the case changes",
                        description="The quick start: local services up, topics, one worker per tenant, a "

@@ -240,7 +240,7 @@ def test_existing_database_migrates_to_the_oncall_columns(stack, run_id):
             await sink.close()
 
     applied, again, migrated, after = asyncio.run(drive())
-    assert applied == ["0002_oncall.sql"] and again == []
+    assert applied[0] == "0002_oncall.sql" and again == []  # then any later migrations
     assert (migrated["escalation_policy_id"], migrated["escalation_policy_retry_count"], migrated["escalation_active"],
             migrated["is_shadow"], migrated["targets"], migrated["responder_users"], migrated["responders"],
             migrated["responders_added_at"], migrated["sla_breaches"]) == (
