@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -175,13 +176,45 @@ async def errors(request: web.Request, handler):
         return _json({"error": "not_found", "message": str(exc)}, 404)
 
 
-def create_api(settings: Settings) -> web.Application:
-    svc = QueryService(settings)
+ROUTE_SETS = ("all", "query", "intake")
+QUERY_KEY = web.AppKey("query", QueryService)
+OPENAPI_FILE = Path(__file__).resolve().parent.parent / "schemas" / "openapi.json"
+
+
+def create_api(settings: Settings, routes: str = "all") -> web.Application:
+    """The HTTP service: ``routes`` = ``query`` (the analyst's view), ``intake``
+    (the gateway, ``streams/gateway.py``) or ``all``. /health, /metrics and
+    /openapi.json are always served."""
+    if routes not in ROUTE_SETS:
+        raise ValueError(f"routes: one of {', '.join(ROUTE_SETS)}")
     app = web.Application(middlewares=[errors])
-    app["query"] = svc
 
     async def health(request):
         return _json({"status": "ok"})
+
+    async def prometheus(request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(request):
+        return web.Response(body=OPENAPI_FILE.read_bytes(), content_type="application/json")
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/openapi.json", openapi)
+    if routes in ("all", "intake"):
+        from streams.gateway import add_intake_routes
+
+        add_intake_routes(app, settings)
+    if routes in ("all", "query"):
+        add_query_routes(app, settings)
+    return app
+
+
+def add_query_routes(app: web.Application, settings: Settings) -> None:
+    svc = QueryService(settings)
+    app[QUERY_KEY] = svc
 
     async def search(request):
         return _json(await svc.search(request.match_info["tenant"], _params(request)))
@@ -199,10 +232,8 @@ def create_api(settings: Settings) -> web.Application:
     async def on_cleanup(app):
         await svc.close()
 
-    app.router.add_get("/health", health)
     app.router.add_get("/v1/{tenant}/cases", search)
     app.router.add_get("/v1/{tenant}/cases/{case_id}", case)
     app.router.add_get("/v1/{tenant}/cases/{case_id}/timeline", timeline)
     app.router.add_get("/v1/{tenant}/analytics", analytics)
     app.on_cleanup.append(on_cleanup)
-    return app

@@ -48,6 +48,17 @@ CONFIG_RELOADS = Counter(
     "casestream_config_reloads_total", "On-call configuration reloads, by result (ok, error).",
     ["tenant", "result"])
 
+# the intake gateway (streams/gateway.py)
+GATEWAY_REQUESTS = Counter(
+    "casestream_gateway_requests_total", "Gateway intake requests, by monitor kind and HTTP status.",
+    ["tenant", "kind", "status"])
+GATEWAY_EVENTS = Counter(
+    "casestream_gateway_events_total", "Events in gateway requests: accepted (Kafka acknowledged) or rate_limited.",
+    ["tenant", "kind", "outcome"])
+GATEWAY_SECONDS = Histogram(
+    "casestream_gateway_request_duration_seconds", "Gateway intake request duration (to Kafka's acknowledgement).",
+    ["kind"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
+
 
 def record_oncall(tenant: str, ack_status: str, event: dict, case: dict | None) -> None:
     """On-call metrics of one emitted domain event (``case``: the case state after it)."""

@@ -29,6 +29,8 @@ class Settings:
     oncall_dir: Path | None = None        # per-tenant on-call config: <dir>/<tenant>.yaml
     clock: str = "system"                 # "system", or "file:<path>" (tests: a file holding epoch ms)
     timer_tick: float = 0.5               # seconds between scans for due timers
+    rate_per_integration: tuple[float, float] = (50.0, 500.0)   # gateway: events/s, burst
+    rate_per_tenant: tuple[float, float] = (500.0, 5000.0)
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -62,7 +64,23 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         oncall_dir=Path(env.get("CASESTREAM_ONCALL_DIR", config_dir / "oncall")),
         clock=env.get("CASESTREAM_CLOCK", "system"),
         timer_tick=float(env.get("CASESTREAM_TIMER_TICK", "0.5")),
+        rate_per_integration=_rate(env, "CASESTREAM_RATE_PER_INTEGRATION", "50/500"),
+        rate_per_tenant=_rate(env, "CASESTREAM_RATE_PER_TENANT", "500/5000"),
     )
+
+
+def _rate(env: dict[str, str], name: str, default: str) -> tuple[float, float]:
+    """``<events per second>/<burst>``, e.g. ``50/500``."""
+    text = env.get(name, default)
+    try:
+        rate, burst = (float(x) for x in text.split("/"))
+        if rate <= 0 or burst < 1:
+            raise ValueError
+    except ValueError:
+        from streams.config import ConfigError
+
+        raise ConfigError(f"{name}={text!r}: give <events per second>/<burst>, e.g. {default}") from None
+    return rate, burst
 
 
 def default_instance_id(tenant: str) -> str:

@@ -46,7 +46,10 @@ UNKNOWN_CASE = "unknown_case"
 # a message (or due timer) whose processing raised: a bug, not bad input; the
 # partition keeps flowing and the record can be replayed after a fix
 PROCESSING_ERROR = "processing_error"
-REASONS = (INVALID_JSON, INVALID_EVENT, TOO_LARGE, NO_OPEN_CASE, INVALID_TRANSITION, UNKNOWN_CASE, PROCESSING_ERROR)
+# the gateway refused events over a rate limit (the request was answered 429)
+RATE_LIMITED = "rate_limited"
+REASONS = (INVALID_JSON, INVALID_EVENT, TOO_LARGE, NO_OPEN_CASE, INVALID_TRANSITION, UNKNOWN_CASE, PROCESSING_ERROR,
+           RATE_LIMITED)
 
 
 @dataclass(frozen=True)
