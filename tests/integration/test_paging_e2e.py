@@ -259,8 +259,12 @@ def test_responder_names_and_emails_never_reach_elasticsearch(pagers, run_id):
                lambda docs: all(d.get("found") and len(d["_source"]["responder_users"]) == 3 for d in docs),
                what="documents with every responder")
     # PostgreSQL keeps the full record ...
-    rows = stack.pg("on-call", "SELECT responders::text AS r FROM cases WHERE case_id = ANY($1::text[])", ids)
-    assert all("Cat Pagerson" in r["r"] and "cat.pagerson@example.com" in r["r"] for r in rows)
+    # (each projection runs at its own pace: wait for PostgreSQL too)
+    stack.poll(lambda: stack.pg("on-call", "SELECT responders::text AS r FROM cases WHERE case_id = ANY($1::text[])",
+                                ids),
+               lambda rows: len(rows) == len(ids) and all("Cat Pagerson" in r["r"] and "cat.pagerson@example.com"
+                                                          in r["r"] for r in rows),
+               what="full responder records in PostgreSQL")
     # ... no document of any index holds a name or an e-mail address
     stack.es("POST", "/_refresh")
     everything = stack.es("POST", "/_search", {"query": {"match_all": {}}, "size": 10000})
