@@ -48,9 +48,10 @@ import orjson
 
 import schemas
 from streams import metrics
-from streams.app import Topology
+from streams.app import Topology, _raw_topic
 from streams.domain import cases as domain
 from streams.domain import oncall as paging
+from streams.domain.relay import route_events
 from streams.domain.intake import PROCESSING_ERROR, UNKNOWN_CASE, Intake, Rejection, parse, routing_key
 
 log = logging.getLogger("casestream.intake")
@@ -60,6 +61,7 @@ APPLY_WITHIN = 0.02    # seconds to wait for a batch to fill
 
 DOMAIN = "domain-events"
 DLQ = "dlq"
+RELAY = "relay"
 ROUTED = "intake-routed"
 
 
@@ -106,6 +108,27 @@ def write_in_context(table, event, key: str, value: bytes | None) -> None:
         _current_event.reset(token)
 
 
+async def ensure_relay_topics(topo: Topology) -> None:
+    """Create the relay topics of newly configured subscriptions; a
+    subscription relays from the moment its topic exists (no backfill: replay
+    the domain-event log for history)."""
+    wanted = {s.id for s in topo.oncall.current.subscriptions}
+    missing = wanted - topo.relay_ready
+    if not missing or time.monotonic() < topo.relay_retry_at:
+        return
+    from streams.kafka import create_topics
+
+    try:
+        await create_topics(topo.bootstrap, [], extra=[topo.family.relay(s) for s in sorted(missing)])
+    except Exception as exc:  # retried after a pause (those events are not relayed meanwhile)
+        topo.relay_retry_at = time.monotonic() + 10
+        log.warning("relay topics %s not created yet (retry in 10 s): %r", sorted(missing), exc)
+        return
+    topo.relay_ready |= missing
+    log.info("relay: subscriptions %s active (topics %s)", sorted(missing),
+             [topo.family.relay(s).name for s in sorted(missing)])
+
+
 def route_message(tenant, topic: str, partition: int, offset: int, timestamp_ms: int,
                   key: bytes | None, raw: bytes | None) -> tuple[str, bytes | None, dict]:
     """Where one intake record goes: ("routed", routing key, envelope) or ("dlq", key, dead letter)."""
@@ -133,14 +156,45 @@ def register(topo: Topology) -> None:
         topo.dlq.send_soon(key=key, value=orjson.dumps(record))
         metrics.DLQ_MESSAGES.labels(tname, record["reason"]).inc()
 
+    relay_topics: dict[str, object] = {}
+
+    def relay_topic(sub_id: str):
+        if sub_id not in relay_topics:
+            relay_topics[sub_id] = _raw_topic(app, topo.family.relay(sub_id).name)
+        return relay_topics[sub_id]
+
     def send_outputs(outputs: list) -> None:
-        for kind, key, value in outputs:
+        encoded: dict[int, bytes] = {}
+        for i, (kind, key, value) in enumerate(outputs):
             if kind == DOMAIN:
-                topo.domain_events.send_soon(key=key.encode(), value=schemas.encode(value),
-                                             headers=_headers(value))
+                encoded[i] = schemas.encode(value)
+                topo.domain_events.send_soon(key=key.encode(), value=encoded[i], headers=_headers(value))
                 metrics.DOMAIN_EVENTS.labels(tname, value["type"]).inc()
+            elif kind == RELAY:
+                # {"format", "ref"}: a copy of the domain event at index ref, for subscription ``key``
+                event = outputs[value["ref"]][2]
+                if value["format"] == "avro":
+                    body = encoded.get(value["ref"]) or schemas.encode(event)
+                    headers = _headers(event) + [("schema_id", str(schemas.schema_id(body)).encode())]
+                else:
+                    body, headers = orjson.dumps(event), _headers(event)
+                relay_topic(key).send_soon(key=event["case_id"].encode(), value=body, headers=headers)
+                metrics.RELAYED.labels(tname, key).inc()
             else:
                 send_dlq(key.encode() if key else None, value)
+
+    def with_relay(cfg, before_entry: dict | None, outputs: list) -> list:
+        """``outputs`` plus a RELAY output per (subscription, event) match, in event order."""
+        subs = [s for s in cfg.subscriptions if s.id in topo.relay_ready]
+        if not subs:
+            return outputs
+        events = [(i, o[2]) for i, o in enumerate(outputs) if o[0] == DOMAIN]
+        cases = (before_entry or {}).get("cases", {})
+        before = {e["case_id"]: cases.get(e["case_id"]) for _, e in events}
+        index = {id(e): i for i, e in events}
+        extra = [[RELAY, sub.id, {"format": sub.format, "ref": index[id(e)]}]
+                 for sub, e in route_events(tenant, subs, before, [e for _, e in events])]
+        return outputs + extra
 
     @app.agent(topo.intake, name=f"{topo.family.app_id}.route")
     async def route(stream):
@@ -182,6 +236,8 @@ def register(topo: Topology) -> None:
         async for events in stream.take_events(APPLY_BATCH, within=APPLY_WITHIN):
             started = time.perf_counter()
             cfg = topo.oncall.current  # one configuration per batch
+            if any(sub.id not in topo.relay_ready for sub in cfg.subscriptions):
+                await ensure_relay_topics(topo)  # no event of a subscription is applied before its topic exists
             cache: dict[str, dict | None] = {}
             before: dict[str, dict] = {}      # dedup key -> pending timers as stored
             dirty: dict[str, tuple] = {}      # dedup key -> (event, entry)
@@ -261,7 +317,7 @@ def register(topo: Topology) -> None:
             if not paging.is_pending(entry, timer):
                 stale.setdefault(timer["timer_id"], event)
             return
-        outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
+        outputs = with_relay(cfg, entry, [[DOMAIN, e["case_id"], e] for e in decision.events])
         send_outputs(outputs)
         observe(decision, outputs)
         new = domain.remember(decision.entry, paging.timer_intake(tenant, timer).event_id, outputs, offset)
@@ -288,7 +344,7 @@ def register(topo: Topology) -> None:
                     if kind == DOMAIN and value["type"] == "CaseCreated":
                         new_index[value["case_id"]] = (event, entry["dedup_key"])
             return
-        outputs: list = [[DOMAIN, e["case_id"], e] for e in decision.events]
+        outputs = with_relay(cfg, entry, [[DOMAIN, e["case_id"], e] for e in decision.events])
         if decision.rejection is not None:
             src = env["source"]
             record = dead_letter(decision.rejection, src["topic"], src["partition"], src["offset"],

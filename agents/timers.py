@@ -27,6 +27,7 @@ import time
 import orjson
 
 from streams import metrics
+from agents.intake import ensure_relay_topics
 from streams.app import Topology
 from streams.domain.intake import routing_token
 from streams.domain.oncall import TIMER_KINDS
@@ -66,6 +67,7 @@ def register(topo: Topology, tick: float = 0.5) -> None:
     @app.timer(interval=tick, name=f"{topo.family.app_id}.timers")
     async def fire_due_timers():
         topo.oncall.check()
+        await ensure_relay_topics(topo)  # a subscription added by a reload
         if not app.tables.recovery.completed.is_set():
             return  # the index is still being restored
         now = topo.clock.now_ms()

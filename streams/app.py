@@ -33,6 +33,9 @@ class Topology:
     timers: faust.Table | None = None    # index of pending timers (timer id -> due time, case)
     oncall: object | None = None         # streams.oncall_config.ConfigWatcher
     clock: object | None = None          # streams.clock: when timers are due
+    bootstrap: str = ""                  # Kafka, for the admin work agents do (relay topics)
+    relay_ready: set[str] = field(default_factory=set)  # subscriptions whose relay topic exists
+    relay_retry_at: float = 0.0          # monotonic time before which topic creation is not retried
     busy_sinks: set[str] = field(default_factory=set)  # sinks inside write_batch (for the watchdog)
 
 
@@ -130,6 +133,7 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
 
         topo.oncall = ConfigWatcher(tenant, oncall_path_for(settings, tenant.name), on_reload=_reload_metric(tenant.name))
         topo.clock = make_clock(settings.clock)
+        topo.bootstrap = settings.kafka_bootstrap_servers
         intake.register(topo)
         timers.register(topo, tick=settings.timer_tick)
         inputs |= {family.name("intake"), family.name("intake-routed"), family.name("timers")}

@@ -304,6 +304,16 @@ class TopicFamily:
             config={"cleanup.policy": "compact"},
         )
 
+    def relay(self, subscription: str) -> TopicSpec:
+        """The relay topic of a subscription (``streams/oncall_config.py``): ``<tenant>.relay.<id>``."""
+        return TopicSpec(
+            role=f"relay:{subscription}",
+            name=f"{self.tenant}.relay.{subscription}",
+            partitions=self.partitions,
+            replication_factor=self.replication_factor,
+            config={"retention.ms": "604800000"},
+        )
+
     def all_topics(self) -> list[TopicSpec]:
         return list(self.topics.values()) + [self.changelog(t) for t in self.tables]
 

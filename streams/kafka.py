@@ -18,22 +18,22 @@ class TopicResult:
     created: bool
 
 
-async def create_topics(bootstrap: str, families: list[TopicFamily]) -> list[TopicResult]:
-    """Create every topic of the families that does not exist yet (idempotent)."""
+async def create_topics(bootstrap: str, families: list[TopicFamily], extra=()) -> list[TopicResult]:
+    """Create every topic of the families (and the ``extra`` TopicSpecs) that
+    does not exist yet (idempotent)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         results: list[TopicResult] = []
         missing = []
-        for fam in families:
-            for spec in fam.all_topics():
-                created = spec.name not in existing
-                results.append(TopicResult(spec.name, spec.role, spec.partitions, created))
-                if created:
-                    missing.append(NewTopic(spec.name, spec.partitions, spec.replication_factor,
-                                            topic_configs=dict(spec.config)))
-                    existing.add(spec.name)
+        for spec in [spec for fam in families for spec in fam.all_topics()] + list(extra):
+            created = spec.name not in existing
+            results.append(TopicResult(spec.name, spec.role, spec.partitions, created))
+            if created:
+                missing.append(NewTopic(spec.name, spec.partitions, spec.replication_factor,
+                                        topic_configs=dict(spec.config)))
+                existing.add(spec.name)
         if missing:
             try:
                 resp = await admin.create_topics(missing)

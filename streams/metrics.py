@@ -48,6 +48,10 @@ CONFIG_RELOADS = Counter(
     "casestream_config_reloads_total", "On-call configuration reloads, by result (ok, error).",
     ["tenant", "result"])
 
+RELAYED = Counter(
+    "casestream_relayed_events_total", "Domain events copied to a relay topic, by subscription.",
+    ["tenant", "subscription"])
+
 # the intake gateway (streams/gateway.py)
 GATEWAY_REQUESTS = Counter(
     "casestream_gateway_requests_total", "Gateway intake requests, by monitor kind and HTTP status.",

@@ -48,7 +48,10 @@ log = logging.getLogger("casestream.config")
 
 DEFAULT_ACK_TIMEOUT_SECONDS = 1800
 TOP_KEYS = ("ack_timeout", "users", "teams", "schedules", "escalation_policies", "routing_rules",
-            "automation_rules", "slas")
+            "automation_rules", "slas", "subscriptions")
+SUBSCRIPTION_KEYS = ("id", "description", "format", "event_types", "match")
+RELAY_FORMATS = ("avro", "json")
+SUBSCRIPTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # part of a topic name
 MATCH_KEYS = ("source", "component", "group", "class", "project", "severity", "priority", "urgency",
               "status", "tags")
 USER_KEYS = ("name", "email", "contact")
@@ -92,6 +95,16 @@ class AutomationRule:
 
 
 @dataclass(frozen=True)
+class Subscription:
+    """A relay subscription: matching domain events are copied to ``<tenant>.relay.<id>``."""
+
+    id: str
+    format: str                                    # avro | json
+    event_types: tuple[str, ...]                   # empty: every type
+    match: dict[str, tuple[str, ...]]              # on the case as it is after the event
+
+
+@dataclass(frozen=True)
 class OnCallConfig:
     tenant: str
     users: dict[str, User]
@@ -103,6 +116,7 @@ class OnCallConfig:
     ack_timeout_seconds: int | None
     source: str | None
     digest: str
+    subscriptions: tuple[Subscription, ...] = ()
 
     def route(self, record: dict) -> RoutingRule | None:
         """The first routing rule whose ``match`` fits ``record`` (None when none does)."""
@@ -292,11 +306,46 @@ class _Parser:
         automation = self.automation_rules(top.get("automation_rules"), users, policies)
         slas = self.slas(top.get("slas"))
         ack = self.ack_timeout(top["ack_timeout"]) if "ack_timeout" in top else DEFAULT_ACK_TIMEOUT_SECONDS
+        subscriptions = self.subscriptions(top.get("subscriptions"))
         return OnCallConfig(
             tenant=self.tenant.name, users=users, directory=directory, policies=policies,
             routing_rules=routing, automation_rules=automation, slas=slas, ack_timeout_seconds=ack,
-            source=self.file, digest=digest,
+            source=self.file, digest=digest, subscriptions=subscriptions,
         )
+
+    def subscriptions(self, node: _Node | None) -> tuple[Subscription, ...]:
+        from streams.domain.cases import EVENT_TYPES
+
+        if node is None:
+            return ()
+        items = self.seq(node, "subscriptions", "[{id: sre-pages, format: avro, match: {severity: critical}}]")
+        out = []
+        for i, (sid, sn) in enumerate(zip(self.rule_ids(items, "subscriptions"), items)):
+            p = f"subscriptions[{i}]"
+            self.no_unknown(sn, p, SUBSCRIPTION_KEYS)
+            if not SUBSCRIPTION_ID_RE.match(sid):
+                raise self.err(f"{p}.id", f"{p}.id: {sid!r} becomes part of a topic name; use lower-case letters, "
+                                          f"digits and - (at most 63)")
+            m = sn.value
+            fmt = self.string(m["format"], f"{p}.format") if "format" in m else "avro"
+            if fmt not in RELAY_FORMATS:
+                raise self.err(f"{p}.format", f"{p}.format: unknown format '{fmt}'; use avro (Confluent framing, "
+                                              f"decodable with schemas/) or json")
+            types: list[str] = []
+            if "event_types" in m:
+                tn = m["event_types"]
+                if not isinstance(tn.value, list) or not tn.value:
+                    raise self.err(f"{p}.event_types", f"{p}.event_types: a non-empty list of event types, or "
+                                                       f"remove the key for every type")
+                for j, v in enumerate(tn.value):
+                    t = self.string(v, f"{p}.event_types[{j}]")
+                    if t not in EVENT_TYPES:
+                        raise self.err(f"{p}.event_types[{j}]", f"{p}.event_types[{j}]: unknown event type '{t}'; "
+                                                                f"use one of {', '.join(EVENT_TYPES)}")
+                    types.append(t)
+            out.append(Subscription(sid, fmt, tuple(dict.fromkeys(types)), self.criteria(m.get("match"),
+                                                                                         f"{p}.match")))
+        return tuple(out)
 
     def users(self, node: _Node | None) -> dict[str, User]:
         out: dict[str, User] = {}
