@@ -234,7 +234,7 @@ class Gateway:
             await self.publisher.dead_letter(integration.tenant, {
                 "reason": RATE_LIMITED, "detail": message,
                 "source": {"topic": f"gateway:{kind}", "partition": -1, "offset": -1},
-                "original": raw.decode("utf-8", errors="replace"), "original_encoding": "utf-8",
+                "original": _redacted(kind, body, raw), "original_encoding": "utf-8",
                 "dead_lettered_at": int(now * 1000)})
             answer = self._fail(kind, 429, message)
             answer.body.update(integration=integration.id, limit={"scope": refusal.scope, "rate": refusal.rate,
@@ -262,6 +262,13 @@ class Gateway:
         if not _depth_ok(body, MAX_DEPTH):
             return None, f"JSON nested deeper than {MAX_DEPTH} levels"
         return body, None
+
+
+def _redacted(kind: str, body: object, raw: bytes) -> str:
+    """The request body for a dead letter, without the secret PagerDuty carries in it."""
+    if kind == "pagerduty" and isinstance(body, dict) and "routing_key" in body:
+        return orjson.dumps(dict(body, routing_key="[redacted]")).decode()
+    return raw.decode("utf-8", errors="replace")
 
 
 async def _read_body(request: web.Request) -> bytes | None:

@@ -368,8 +368,9 @@ def _pagerduty(body: object) -> list[dict]:
     if images:
         details = {**(details or {}), "images": images}
     if dedup_key is None:
-        # deterministic: an identical re-send gets the same key (and dedupes)
-        dedup_key = derive_id("pagerduty", _canonical_json(body))
+        # deterministic: an identical re-send gets the same key (and dedupes); the
+        # routing key (a secret, redacted from dead letters) does not take part
+        dedup_key = derive_id("pagerduty", _canonical_json({k: v for k, v in body.items() if k != "routing_key"}))
     msg["dedup_key"] = dedup_key
     msg["custom_details"] = details
     msg["links"] = links or None
