@@ -50,6 +50,7 @@ import schemas
 from streams import metrics
 from streams.app import Topology, _raw_topic
 from streams.domain import cases as domain
+from streams.domain import notify as notifying
 from streams.domain import oncall as paging
 from streams.domain.relay import route_events
 from streams.domain.intake import PROCESSING_ERROR, UNKNOWN_CASE, Intake, Rejection, parse, routing_key
@@ -62,6 +63,7 @@ APPLY_WITHIN = 0.02    # seconds to wait for a batch to fill
 DOMAIN = "domain-events"
 DLQ = "dlq"
 RELAY = "relay"
+NOTIFY = "notify"
 ROUTED = "intake-routed"
 
 
@@ -170,6 +172,10 @@ def register(topo: Topology) -> None:
                 encoded[i] = schemas.encode(value)
                 topo.domain_events.send_soon(key=key.encode(), value=encoded[i], headers=_headers(value))
                 metrics.DOMAIN_EVENTS.labels(tname, value["type"]).inc()
+            elif kind == NOTIFY:
+                # a delivery request; the event travels with it (it is not kept twice in the state)
+                request = dict(value, event=outputs[value["ref"]][2])
+                topo.notifications_topic.send_soon(key=key.encode(), value=orjson.dumps(request))
             elif kind == RELAY:
                 # {"format", "ref"}: a copy of the domain event at index ref, for subscription ``key``
                 event = outputs[value["ref"]][2]
@@ -195,6 +201,19 @@ def register(topo: Topology) -> None:
         extra = [[RELAY, sub.id, {"format": sub.format, "ref": index[id(e)]}]
                  for sub, e in route_events(tenant, subs, before, [e for _, e in events])]
         return outputs + extra
+
+    def with_deliveries(cfg, before_entry: dict | None, outputs: list) -> list:
+        """``outputs`` plus a NOTIFY output per delivery the events ask for (webhooks, Slack)."""
+        events = [(i, o[2]) for i, o in enumerate(outputs) if o[0] == DOMAIN]
+        cases = (before_entry or {}).get("cases", {})
+        before = {e["case_id"]: cases.get(e["case_id"]) for _, e in events}
+        requests = notifying.deliveries(tenant, cfg, before, [e for _, e in events])
+        return outputs + [[NOTIFY, r["delivery_id"], dict(r, ref=events[r.pop("event_index")][0])]
+                          for r in requests]
+
+    def outputs_of(cfg, before_entry: dict | None, events: list[dict]) -> list:
+        return with_deliveries(cfg, before_entry, with_relay(cfg, before_entry,
+                                                             [[DOMAIN, e["case_id"], e] for e in events]))
 
     @app.agent(topo.intake, name=f"{topo.family.app_id}.route")
     async def route(stream):
@@ -303,24 +322,32 @@ def register(topo: Topology) -> None:
                 metrics.record_oncall(tname, ack, value, case)
 
     def fire_one(event, cfg, entry_of, cache, dirty, stale, before) -> None:
+        """A due timer, or a delivery outcome (both arrive on T.timers)."""
         timer = orjson.loads(event.value)
         entry = entry_of(timer["dedup_key"])
         offset = f"timers:{event.message.offset}"
-        decision = paging.decide_timer(tenant, cfg, timer, entry)
+        if timer.get("kind") == "delivery":
+            input_id = notifying.outcome_intake(tenant, timer).event_id
+            decision = notifying.decide_outcome(tenant, timer, entry)
+        else:
+            input_id = paging.timer_intake(tenant, timer).event_id
+            decision = paging.decide_timer(tenant, cfg, timer, entry)
         if decision.duplicate:
-            if domain.is_redelivery(entry, paging.timer_intake(tenant, timer).event_id, offset):
-                send_outputs(domain.recorded_outputs(entry, paging.timer_intake(tenant, timer).event_id) or [])
+            if domain.is_redelivery(entry, input_id, offset):
+                send_outputs(domain.recorded_outputs(entry, input_id) or [])
                 dirty[entry["dedup_key"]] = (event, entry)
                 before[entry["dedup_key"]] = {}  # rewrite its timers index too
             return
+        if timer.get("kind") == "delivery" and decision.entry is None:
+            return  # nothing to record it on
         if decision.entry is None:  # not pending: fired already or cancelled
             if not paging.is_pending(entry, timer):
                 stale.setdefault(timer["timer_id"], event)
             return
-        outputs = with_relay(cfg, entry, [[DOMAIN, e["case_id"], e] for e in decision.events])
+        outputs = outputs_of(cfg, entry, decision.events)
         send_outputs(outputs)
         observe(decision, outputs)
-        new = domain.remember(decision.entry, paging.timer_intake(tenant, timer).event_id, outputs, offset)
+        new = domain.remember(decision.entry, input_id, outputs, offset)
         cache[new["dedup_key"]] = new
         dirty[new["dedup_key"]] = (event, new)
 
@@ -344,7 +371,7 @@ def register(topo: Topology) -> None:
                     if kind == DOMAIN and value["type"] == "CaseCreated":
                         new_index[value["case_id"]] = (event, entry["dedup_key"])
             return
-        outputs = with_relay(cfg, entry, [[DOMAIN, e["case_id"], e] for e in decision.events])
+        outputs = outputs_of(cfg, entry, decision.events)
         if decision.rejection is not None:
             src = env["source"]
             record = dead_letter(decision.rejection, src["topic"], src["partition"], src["offset"],

@@ -31,6 +31,8 @@ class Topology:
     case_keys: faust.Table | None
     timers_topic: faust.TopicT | None = None
     timers: faust.Table | None = None    # index of pending timers (timer id -> due time, case)
+    notifications_topic: faust.TopicT | None = None
+    deliveries: faust.Table | None = None  # delivery id -> request, attempts, state
     oncall: object | None = None         # streams.oncall_config.ConfigWatcher
     clock: object | None = None          # streams.clock: when timers are due
     bootstrap: str = ""                  # Kafka, for the admin work agents do (relay topics)
@@ -122,6 +124,10 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         timers=app.Table("timers", default=None, key_type=bytes, value_type=bytes, options=table_opts,
                          help="timer id -> due time and case (index of the pending timers)")
         if has_intake else None,
+        notifications_topic=_raw_topic(app, family.name("notifications")),
+        deliveries=app.Table("deliveries", default=None, key_type=bytes, value_type=bytes, options=table_opts,
+                             help="delivery id -> request, attempts and state")
+        if has_intake else None,
     )
     from agents import intake  # agents are thin shells over streams.domain
 
@@ -134,9 +140,13 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         topo.oncall = ConfigWatcher(tenant, oncall_path_for(settings, tenant.name), on_reload=_reload_metric(tenant.name))
         topo.clock = make_clock(settings.clock)
         topo.bootstrap = settings.kafka_bootstrap_servers
+        from agents import notify
+
         intake.register(topo)
         timers.register(topo, tick=settings.timer_tick)
-        inputs |= {family.name("intake"), family.name("intake-routed"), family.name("timers")}
+        notify.register(topo, tick=settings.timer_tick)
+        inputs |= {family.name("intake"), family.name("intake-routed"), family.name("timers"),
+                   family.name("notifications")}
     if role in ("all", "projections"):
         from agents import projections
         from sinks import build_sinks

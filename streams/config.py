@@ -318,7 +318,7 @@ class TopicFamily:
         return list(self.topics.values()) + [self.changelog(t) for t in self.tables]
 
 
-REQUIRED_ROLES = ("intake", "intake-routed", "domain-events", "dlq", "timers")
+REQUIRED_ROLES = ("intake", "intake-routed", "domain-events", "dlq", "timers", "notifications")
 
 
 def app_id_for(tenant: str) -> str:
@@ -352,7 +352,7 @@ def load_topics(tenant: str, path: Path | str | None = None) -> TopicFamily:
     for role in REQUIRED_ROLES:
         if role not in specs:
             raise tnode.error(f"topics: missing the '{role}' topic; every tenant needs {', '.join(REQUIRED_ROLES)}")
-    for role in ("intake-routed", "timers"):
+    for role in ("intake-routed", "timers", "notifications"):
         if specs[role].partitions != partitions:
             rnode = tnode.value[role]
             raise rnode.key_error("partitions", f"topic '{role}' must have the table partition count {partitions}")

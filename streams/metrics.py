@@ -52,6 +52,20 @@ RELAYED = Counter(
     "casestream_relayed_events_total", "Domain events copied to a relay topic, by subscription.",
     ["tenant", "subscription"])
 
+# notification delivery (agents/notify.py)
+DELIVERIES = Counter(
+    "casestream_notification_deliveries_total",
+    "Notification attempts by channel and outcome (delivered, retry, permanent).", ["tenant", "channel", "outcome"])
+DELIVERY_SECONDS = Histogram(
+    "casestream_notification_delivery_duration_seconds", "Duration of one delivery attempt (HTTP).",
+    ["tenant", "channel"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+DELIVERIES_PENDING = Gauge(
+    "casestream_notification_deliveries_pending", "Deliveries waiting to be sent or retried (the retry queue).",
+    ["tenant"])
+BREAKER_STATE = Gauge(
+    "casestream_notification_breaker_state", "Circuit breaker per endpoint: 0 closed, 1 half-open, 2 open.",
+    ["tenant", "endpoint"])
+
 # the intake gateway (streams/gateway.py)
 GATEWAY_REQUESTS = Counter(
     "casestream_gateway_requests_total", "Gateway intake requests, by monitor kind and HTTP status.",

@@ -48,7 +48,12 @@ log = logging.getLogger("casestream.config")
 
 DEFAULT_ACK_TIMEOUT_SECONDS = 1800
 TOP_KEYS = ("ack_timeout", "users", "teams", "schedules", "escalation_policies", "routing_rules",
-            "automation_rules", "slas", "subscriptions")
+            "automation_rules", "slas", "subscriptions", "endpoints", "notification_rules", "delivery")
+ENDPOINT_KEYS = ("type", "url", "secret", "secret_env", "description")
+CHANNELS = ("webhook", "slack")
+NOTIFICATION_RULE_KEYS = ("id", "description", "event_types", "match", "endpoints")
+DELIVERY_KEYS = ("timeout", "retry_window", "max_backoff", "disable_after", "breaker_failures", "breaker_open",
+                 "allow_networks", "allow_http")
 SUBSCRIPTION_KEYS = ("id", "description", "format", "event_types", "match")
 RELAY_FORMATS = ("avro", "json")
 SUBSCRIPTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # part of a topic name
@@ -105,6 +110,36 @@ class Subscription:
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """Where notifications go: a generic webhook (JSON, signed when it has a secret) or Slack."""
+
+    name: str
+    channel: str                                   # webhook | slack
+    url: str
+    secret: str | None = None                      # HMAC-SHA256 signing secret (webhooks)
+
+
+@dataclass(frozen=True)
+class NotificationRule:
+    id: str
+    event_types: tuple[str, ...]                   # empty: every type
+    match: dict[str, tuple[str, ...]]              # on the case after the event
+    endpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    timeout: float = 5.0                           # a 2xx within this is success
+    retry_window: float = 86400.0                  # retry for this long after the first attempt
+    max_backoff: float = 3600.0
+    disable_after: int = 5                         # permanent failures in a row disable an endpoint
+    breaker_failures: int = 5                      # consecutive failures that open an endpoint's breaker
+    breaker_open: float = 60.0                     # seconds before a probe
+    allow_networks: tuple[str, ...] = ()           # CIDRs / hosts exempt from the private-address block
+    allow_http: bool = False                       # plain http (tests, internal receivers)
+
+
+@dataclass(frozen=True)
 class OnCallConfig:
     tenant: str
     users: dict[str, User]
@@ -117,6 +152,16 @@ class OnCallConfig:
     source: str | None
     digest: str
     subscriptions: tuple[Subscription, ...] = ()
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    notification_rules: tuple[NotificationRule, ...] = ()
+    delivery: DeliverySettings = DeliverySettings()
+
+    def user_endpoints(self, user_id: str) -> list[Endpoint]:
+        """A person's contact methods (``contact: {webhook: url, slack: url}``) as endpoints."""
+        user = self.users.get(user_id)
+        contact = user.contact if user else {}
+        return [Endpoint(f"user:{user_id}:{ch}", ch, contact[ch]) for ch in CHANNELS
+                if isinstance(contact.get(ch), str) and contact[ch]]
 
     def route(self, record: dict) -> RoutingRule | None:
         """The first routing rule whose ``match`` fits ``record`` (None when none does)."""
@@ -307,11 +352,102 @@ class _Parser:
         slas = self.slas(top.get("slas"))
         ack = self.ack_timeout(top["ack_timeout"]) if "ack_timeout" in top else DEFAULT_ACK_TIMEOUT_SECONDS
         subscriptions = self.subscriptions(top.get("subscriptions"))
+        endpoints = self.endpoints(top.get("endpoints"))
+        rules = self.notification_rules(top.get("notification_rules"), endpoints)
+        delivery = self.delivery(top.get("delivery"))
         return OnCallConfig(
             tenant=self.tenant.name, users=users, directory=directory, policies=policies,
             routing_rules=routing, automation_rules=automation, slas=slas, ack_timeout_seconds=ack,
-            source=self.file, digest=digest, subscriptions=subscriptions,
+            source=self.file, digest=digest, subscriptions=subscriptions, endpoints=endpoints,
+            notification_rules=rules, delivery=delivery,
         )
+
+    def endpoints(self, node: _Node | None) -> dict[str, Endpoint]:
+        if node is None:
+            return {}
+        out = {}
+        for name, en in self.mapping(node, "endpoints", "{ops-webhook: {type: webhook, url: https://...}}").items():
+            p = f"endpoints.{name}"
+            if not ID_RE.match(name) or name.startswith("user:"):
+                raise self.err(p, f"{p}: invalid endpoint name {name!r}; use letters, digits and . _ @ + -")
+            m = self.mapping(en, p, "{type: webhook, url: https://..., secret_env: NAME}")
+            self.no_unknown(en, p, ENDPOINT_KEYS)
+            if "type" not in m or "url" not in m:
+                raise self.err(p, f"{p}: needs type ({' or '.join(CHANNELS)}) and url")
+            channel = self.string(m["type"], f"{p}.type")
+            if channel not in CHANNELS:
+                raise self.err(f"{p}.type", f"{p}.type: unknown type '{channel}'; use {' or '.join(CHANNELS)}")
+            url = self.string(m["url"], f"{p}.url")
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise self.err(f"{p}.url", f"{p}.url: an http(s) URL, e.g. https://hooks.example.com/casestream")
+            secret = None
+            if "secret" in m and "secret_env" in m:
+                raise self.err(f"{p}.secret", f"{p}: give secret or secret_env, not both")
+            if "secret" in m:
+                secret = self.string(m["secret"], f"{p}.secret")
+            elif "secret_env" in m:
+                var = self.string(m["secret_env"], f"{p}.secret_env")
+                secret = os.environ.get(var)
+                if not secret:
+                    raise self.err(f"{p}.secret_env", f"{p}.secret_env: environment variable {var} is not set; "
+                                                      f"set it for the worker or remove the key")
+            out[name] = Endpoint(name, channel, url, secret)
+        return out
+
+    def notification_rules(self, node: _Node | None, endpoints: dict[str, Endpoint]
+                           ) -> tuple[NotificationRule, ...]:
+        from streams.domain.cases import EVENT_TYPES
+
+        if node is None:
+            return ()
+        items = self.seq(node, "notification_rules", "[{id: pages, endpoints: [ops-webhook]}]")
+        out = []
+        for i, (rid, rn) in enumerate(zip(self.rule_ids(items, "notification_rules"), items)):
+            p = f"notification_rules[{i}]"
+            self.no_unknown(rn, p, NOTIFICATION_RULE_KEYS)
+            m = rn.value
+            types = []
+            for j, v in enumerate(m["event_types"].value if "event_types" in m else []):
+                t = self.string(v, f"{p}.event_types[{j}]")
+                if t not in EVENT_TYPES:
+                    raise self.err(f"{p}.event_types[{j}]", f"{p}.event_types[{j}]: unknown event type '{t}'; "
+                                                            f"use one of {', '.join(EVENT_TYPES)}")
+                types.append(t)
+            if "endpoints" not in m or not isinstance(m["endpoints"].value, list) or not m["endpoints"].value:
+                raise self.err(p, f"{p}: rule '{rid}' needs endpoints: a list of names from the endpoints section")
+            names = tuple(self.known(self.string(v, f"{p}.endpoints[{j}]"), endpoints, f"{p}.endpoints[{j}]",
+                                     "endpoint", "endpoints") for j, v in enumerate(m["endpoints"].value))
+            out.append(NotificationRule(rid, tuple(types), self.criteria(m.get("match"), f"{p}.match"), names))
+        return tuple(out)
+
+    def delivery(self, node: _Node | None) -> DeliverySettings:
+        if node is None:
+            return DeliverySettings()
+        m = self.mapping(node, "delivery", "{timeout: 5s, retry_window: 24h}")
+        self.no_unknown(node, "delivery", DELIVERY_KEYS)
+        kw: dict = {}
+        for key in ("timeout", "retry_window", "max_backoff", "breaker_open"):
+            if key in m:
+                try:
+                    kw[key] = float(parse_duration(m[key].value, f"delivery.{key}"))
+                except ScheduleError as exc:
+                    raise self.from_domain(exc) from None
+        for key in ("disable_after", "breaker_failures"):
+            if key in m:
+                v = m[key].value
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1000:
+                    raise self.err(f"delivery.{key}", f"delivery.{key}: an integer from 1 to 1000, got {v!r}")
+                kw[key] = v
+        if "allow_networks" in m:
+            vals = m["allow_networks"].value
+            if not isinstance(vals, list):
+                raise self.err("delivery.allow_networks", "delivery.allow_networks: a list of CIDRs or host names")
+            kw["allow_networks"] = tuple(self.string(v, f"delivery.allow_networks[{j}]") for j, v in enumerate(vals))
+        if "allow_http" in m:
+            if not isinstance(m["allow_http"].value, bool):
+                raise self.err("delivery.allow_http", "delivery.allow_http: true or false")
+            kw["allow_http"] = m["allow_http"].value
+        return DeliverySettings(**kw)
 
     def subscriptions(self, node: _Node | None) -> tuple[Subscription, ...]:
         from streams.domain.cases import EVENT_TYPES

@@ -35,7 +35,9 @@ MAX_CASES_PER_KEY = 50  # cases of a key kept in stream state (oldest closed one
 EVENT_TYPES = ("CaseCreated", "AlertDeduplicated", "StatusChanged", "Assigned", "CommentAdded", "PriorityChanged",
                # on-call paging and automation (streams/domain/oncall.py)
                "EscalationStepStarted", "RespondersAdded", "NotificationRequested", "EscalationEnded",
-               "AcknowledgeTimedOut", "SlaBreached", "AutomationApplied")
+               "AcknowledgeTimedOut", "SlaBreached", "AutomationApplied",
+               # notification delivery outcomes (agents/notify.py)
+               "NotificationDelivered", "NotificationFailed", "EndpointDisabled")
 
 # The page's on-call properties (the seed's OnCallProperties), folded from
 # the escalation events; a case without a policy keeps the defaults.
@@ -49,8 +51,9 @@ CASE_FIELDS = ("summary", "source", "severity", "component", "group", "class", "
                "links", "project", "priority", "tags", "urgency")
 
 # What stream state keeps of a case: what decisions need, never payloads
-# (custom_details can be 512 KiB). The full case is the projections' job.
-STATE_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity",
+# (custom_details can be 512 KiB; the summary, ≤ 1 KiB, is kept for
+# notifications). The full case is the projections' job.
+STATE_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity", "summary",
                 "priority", "urgency", "source", "project", "component", "group", "class", "tags",
                 "created_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
                 "occurrence_count", "assignee", "comment_count", "version", "updated_at",
@@ -374,7 +377,8 @@ def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
             new["escalation_active"] = False
         elif t == "SlaBreached":
             new["sla_breaches"] = list(case.get("sla_breaches") or []) + [event["sla"]]
-        elif t in ("NotificationRequested", "AcknowledgeTimedOut", "AutomationApplied"):
+        elif t in ("NotificationRequested", "AcknowledgeTimedOut", "AutomationApplied", "NotificationDelivered",
+                   "NotificationFailed", "EndpointDisabled"):
             pass  # recorded in the timeline; no case field changes
         else:
             raise ValueError(f"unknown event type {t!r}")

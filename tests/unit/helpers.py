@@ -198,6 +198,14 @@ def oncall_scenario(w: World, key: str = "prod/db") -> list[dict]:
     emit(w, cid, "EscalationEnded", escalation_policy_id="ep-db", reason="acknowledged", resolves_page=False)
     emit(w, cid, "AcknowledgeTimedOut", acknowledged_at=acked["occurred_at"], timeout_seconds=1800)
     emit(w, cid, "SlaBreached", sla="resolution", priority="P2", due_at=w.events[start]["occurred_at"] + 3_600_000)
+    # delivery outcomes of those notifications
+    emit(w, cid, "NotificationDelivered", delivery_id=derive_id("delivery", cid, "a"), endpoint="user:u-alice:webhook",
+         channel="webhook", attempts=1, status_code=200, notification_id=derive_id("notify", cid, ALICE["id"]),
+         user_id=ALICE["id"])
+    emit(w, cid, "NotificationFailed", delivery_id=derive_id("delivery", cid, "c"), endpoint="ops-slack",
+         channel="slack", attempts=3, reason="410 Gone", permanent=True, status_code=410, notification_id=None,
+         user_id=None)
+    emit(w, cid, "EndpointDisabled", endpoint="ops-slack", channel="slack", consecutive_failures=5, reason="410 Gone")
     # a shadow, low-urgency page: step 1 only, no next escalation
     low = w.open_case(f"{key}/low", urgency="low")
     emit(w, low, "EscalationStepStarted", escalation_policy_id="ep-db", escalation_policy_step_id="ep-db-s1",

@@ -55,7 +55,8 @@ def test_scenario_covers_every_event_type(events):
     assert assigned[1]["actor"] == {"id": "u-tool", "name": None, "email": None}
 
 
-ONCALL_TYPES = EVENT_TYPES[EVENT_TYPES.index("EscalationStepStarted"):]
+ONCALL_TYPES = EVENT_TYPES[EVENT_TYPES.index("EscalationStepStarted"):EVENT_TYPES.index("AutomationApplied") + 1]
+DELIVERY_TYPES = ("NotificationDelivered", "NotificationFailed", "EndpointDisabled")
 
 
 def test_scenario_events_fold_per_case(events):
@@ -265,6 +266,7 @@ def test_oncall_schemas_share_the_header_and_document_their_payload(etype):
 
 def test_index_ids_of_the_oncall_types():
     assert [INDEX_IDS[t] for t in ONCALL_TYPES] == list(range(7, 14))
+    assert [INDEX_IDS[t] for t in DELIVERY_TYPES] == [14, 15, 16]
     assert set(schemas.registry().latest["EscalationStepStarted"].ts_fields) >= {"occurred_at"}
     assert set(schemas.registry().latest["AcknowledgeTimedOut"].ts_fields) == {"occurred_at", "acknowledged_at"}
     assert set(schemas.registry().latest["SlaBreached"].ts_fields) == {"occurred_at", "due_at"}

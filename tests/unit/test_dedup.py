@@ -95,7 +95,7 @@ def test_trigger_with_open_case_deduplicates(name):
     assert case["occurrence_count"] == 3
     assert case["last_seen_at"] == later
     assert case["created_at"] == created["created_at"]
-    assert "summary" not in case  # stream state keeps no payloads
+    assert "custom_details" not in case  # stream state keeps no payloads (the summary, for notifications)
     # dedup does not rewrite the case summary (the full case is a fold of the events)
     assert replay(w.tenant, w.events_of(cid))["summary"] == "disk full on db-1"
     assert w.key("k1")["seq"] == 1
@@ -461,7 +461,7 @@ def test_new_entry_shape():
 
 def test_compact_keeps_exactly_state_fields():
     full = {f: f"v-{f}" for f in STATE_FIELDS}
-    full.update(custom_details={"big": "x" * 1000}, summary="s", links=[])
+    full.update(custom_details={"big": "x" * 1000}, links=[])
     c = compact(full)
     assert list(c) == list(STATE_FIELDS)
     assert c == {f: f"v-{f}" for f in STATE_FIELDS}
@@ -480,7 +480,7 @@ def test_stored_cases_hold_only_state_fields(name):
     cid = created["case_id"]
     for case in (d.cases[cid], w.case(cid)):     # ... stream state does not
         assert set(case) == set(STATE_FIELDS)
-        for f in ("custom_details", "summary", "links", "responders"):  # payloads and names stay out
+        for f in ("custom_details", "links", "responders"):  # payloads and names stay out
             assert f not in case
         # what routing and automation rules match on stays in
         assert (case["tags"], case["component"], case["group"], case["class"]) == (["a"], "db", "g", "c")

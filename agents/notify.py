@@ -1,0 +1,232 @@
+"""Notification delivery: webhooks and Slack, retried from durable state, never lost.
+
+The apply agent decides deliveries (``streams/domain/notify.py``) and puts a
+request on ``T.notifications`` (keyed by delivery id) as part of its recorded
+outputs. This agent keeps every delivery in the ``deliveries`` table
+(changelogged, partitioned like that topic):
+
+* a **request** it has not seen becomes a pending delivery (a known id is a
+  re-sent request: ignored);
+* every ``tick`` a scan of its partitions sends the pending deliveries that
+  are due -- each attempt is an asyncio task (at most ``CONCURRENCY`` at
+  once) that POSTs through ``streams/outbound.py`` (SSRF policy, pinned
+  address, no redirects, capped response) and puts the attempt's **result**
+  back on ``T.notifications``; a retry is a time in the table, never a
+  sleeping coroutine, so nothing blocks the partition or other endpoints;
+* a result (applied in stream order) is classified (``streams/domain/
+  delivery.py``): delivered; retry (timeout, connection error, 429 with
+  ``Retry-After``, 5xx) at a capped exponential backoff with jitter while the
+  retry window lasts; permanent (other 4xx, a refused address, an endpoint
+  no longer configured or disabled). A final outcome goes to ``T.timers``,
+  keyed like the case, where the apply agent records
+  ``NotificationDelivered`` / ``NotificationFailed`` / ``EndpointDisabled`` on
+  the case's timeline.
+
+A circuit breaker per endpoint (in memory) stops attempts to an endpoint
+that keeps failing and probes it again later; ``disable_after`` permanent
+failures in a row disable the endpoint (kept in the table until its URL
+changes in the configuration). After a crash the table still holds every
+pending delivery, and an attempt whose result was not recorded is made
+again: receivers see each delivery at least once and deduplicate on
+``X-Casestream-Delivery-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import orjson
+
+from agents.intake import write_in_context
+from streams import metrics, outbound
+from streams.app import Topology
+from streams.domain import delivery as policy
+from streams.domain.intake import routing_token
+from streams.domain.notify import endpoint_for
+from streams.domain.slack import slack_message
+from streams.domain.webhook import DELIVERY_ID_HEADER, webhook_body, webhook_headers
+
+log = logging.getLogger("casestream.notify")
+
+CONCURRENCY = 32
+BATCH, WITHIN = 200, 0.05
+BREAKER_STATES = {policy.CLOSED: 0, policy.HALF_OPEN: 1, policy.OPEN: 2}
+
+
+def register(topo: Topology, tick: float = 0.5) -> None:
+    app, tenant, tname = topo.app, topo.tenant, topo.tenant.name
+    inflight: dict[str, int] = {}            # delivery id -> attempt in flight
+    breakers: dict[str, policy.CircuitBreaker] = {}
+    sem = asyncio.Semaphore(CONCURRENCY)
+    tasks: set[asyncio.Task] = set()
+
+    def now_s() -> float:
+        return topo.clock.now_ms() / 1000
+
+    def breaker(name: str) -> policy.CircuitBreaker:
+        d = topo.oncall.current.delivery
+        if name not in breakers:
+            breakers[name] = policy.CircuitBreaker(d.breaker_failures, d.breaker_open, max(d.breaker_open, 3600.0))
+        return breakers[name]
+
+    def load(key: str) -> dict | None:
+        raw = topo.deliveries.get(key)
+        return orjson.loads(raw) if raw is not None else None
+
+    def disabled(ep) -> dict | None:
+        rec = load(f"endpoint:{ep.name}")
+        return rec if rec and rec.get("disabled") and rec.get("url") == ep.url else None
+
+    @app.agent(topo.notifications_topic, name=f"{topo.family.app_id}.notify")
+    async def deliver(stream):
+        async for events in stream.take_events(BATCH, within=WITHIN):
+            for event in events:
+                try:
+                    handle(event)
+                except Exception:  # a bad record must not stop deliveries
+                    log.exception("notifications %s:%s@%s could not be handled", event.message.topic,
+                                  event.message.partition, event.message.offset)
+
+    def handle(event) -> None:
+        msg = orjson.loads(event.value)
+        did = msg["delivery_id"]
+        state = load(did)
+        if msg["kind"] == "request":
+            if state is None:
+                write_in_context(topo.deliveries, event, did, orjson.dumps(
+                    {"delivery_id": did, "state": "pending", "attempts": 0, "first_at": now_s(),
+                     "next_at": now_s(), "request": msg}))
+            return
+        if msg["kind"] != "result":
+            return
+        if inflight.get(did) == msg["attempt"]:
+            del inflight[did]
+        if state is None or state["state"] != "pending" or msg["attempt"] != state["attempts"] + 1:
+            return  # a result already applied (redelivered), or for a finished delivery
+        settle(event, did, state, msg)
+
+    def settle(event, did: str, state: dict, msg: dict) -> None:
+        cfg = topo.oncall.current
+        req, at, attempts = state["request"], msg["at"], msg["attempt"]
+        name, channel = req["endpoint"], req["channel"]
+        if msg.get("refused"):
+            outcome = policy.Outcome(policy.PERMANENT, None, msg["reason"])
+        else:
+            outcome = policy.classify(msg.get("status"), msg.get("error"), msg.get("retry_after"), at)
+            breaker(name).record(outcome.kind == policy.DELIVERED, at)
+            metrics.BREAKER_STATE.labels(tname, name).set(BREAKER_STATES.get(breaker(name).state, 0))
+        metrics.DELIVERIES.labels(tname, channel, outcome.kind).inc()
+        newly_disabled = 0
+        if not msg.get("refused") or msg.get("count_failure", True):
+            rec = load(f"endpoint:{name}") or {"consecutive_permanent": 0}
+            health = policy.EndpointHealth(cfg.delivery.disable_after)
+            health.consecutive_permanent = rec.get("consecutive_permanent", 0)
+            health.disabled = bool(rec.get("disabled"))
+            was = health.disabled
+            health.record(outcome, at)
+            ep = endpoint_for(cfg, name)
+            if health.disabled and not was:
+                newly_disabled = health.consecutive_permanent
+                log.warning("endpoint %s disabled after %d permanent failures in a row: %s", name,
+                            newly_disabled, outcome.reason)
+            write_in_context(topo.deliveries, event, f"endpoint:{name}", orjson.dumps(
+                {"consecutive_permanent": health.consecutive_permanent, "disabled": health.disabled,
+                 "url": ep.url if ep else rec.get("url"), "reason": outcome.reason}))
+        final = None
+        if outcome.kind == policy.DELIVERED:
+            final = "delivered"
+        elif outcome.kind == policy.RETRY:
+            d = cfg.delivery
+            nxt = policy.next_attempt(state["first_at"], attempts, outcome, at, d.retry_window, cap=d.max_backoff,
+                                      rand=random.random)
+            if nxt is None:
+                final = "failed"
+                outcome = policy.Outcome(policy.RETRY, None, f"retry window exhausted; last: {outcome.reason}")
+            else:
+                write_in_context(topo.deliveries, event, did, orjson.dumps(
+                    dict(state, attempts=attempts, next_at=nxt, last=outcome.reason)))
+                return
+        else:
+            final = "failed"
+        # final: keep a small record (the id stays known: a re-sent request is ignored)
+        write_in_context(topo.deliveries, event, did, orjson.dumps(
+            {"delivery_id": did, "state": final, "attempts": attempts, "endpoint": name}))
+        report = {"kind": "delivery", "outcome": final, "delivery_id": did, "case_id": req["case_id"],
+                  "dedup_key": req["dedup_key"], "endpoint": name, "channel": channel, "attempts": attempts,
+                  "status_code": msg.get("status"), "reason": outcome.reason,
+                  "permanent": outcome.kind == policy.PERMANENT, "disabled": newly_disabled,
+                  "notification_id": req.get("notification_id"), "user_id": req.get("user_id"),
+                  "at": int(at * 1000)}
+        topo.timers_topic.send_soon(key=routing_token(req["dedup_key"]).encode(), value=orjson.dumps(report))
+
+    @app.timer(interval=tick, name=f"{topo.family.app_id}.deliveries")
+    async def send_due():
+        if not app.tables.recovery.completed.is_set():
+            return
+        cfg, now = topo.oncall.current, now_s()
+        pending = 0
+        for _key, raw in topo.deliveries.items():
+            d = orjson.loads(raw)
+            if d.get("state") != "pending":
+                continue
+            pending += 1
+            did = d["delivery_id"]
+            if d["next_at"] > now or did in inflight:
+                continue
+            attempt = d["attempts"] + 1
+            ep = endpoint_for(cfg, d["request"]["endpoint"])
+            if ep is None:
+                refuse(did, attempt, "the endpoint is no longer configured")
+                continue
+            if disabled(ep):
+                refuse(did, attempt, f"endpoint {ep.name} is disabled (it failed permanently too often); "
+                                     f"change its URL to enable it again", count=False)
+                continue
+            if not breaker(ep.name).allow(now):
+                continue  # open: tried again after the pause, attempts not counted
+            inflight[did] = attempt
+            task = asyncio.ensure_future(attempt_delivery(d, ep, attempt))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        metrics.DELIVERIES_PENDING.labels(tname).set(pending)
+
+    def refuse(did: str, attempt: int, reason: str, count: bool = True) -> None:
+        inflight[did] = attempt
+        topo.notifications_topic.send_soon(key=did.encode(), value=orjson.dumps(
+            {"kind": "result", "delivery_id": did, "attempt": attempt, "at": now_s(), "refused": True,
+             "reason": reason, "count_failure": count}))
+
+    async def attempt_delivery(d: dict, ep, attempt: int) -> None:
+        cfg = topo.oncall.current
+        req, did = d["request"], d["delivery_id"]
+        event, case = req["event"], req["case"]
+        result: dict
+        async with sem:
+            started = time.monotonic()
+            try:
+                if ep.channel == "slack":
+                    body = orjson.dumps(slack_message(event, case, f"{tname}|{req['case_id']}|{req['dedup_key']}"))
+                    headers = {"Content-Type": "application/json", DELIVERY_ID_HEADER: did}
+                else:
+                    body = webhook_body(event, case, tname, delivery_id=did)
+                    headers = webhook_headers(delivery_id=did, event_type=event["type"], body=body,
+                                              t=int(time.time()), secret=ep.secret, attempt=attempt)
+                resp = await outbound.post(ep.url, body, headers, timeout=cfg.delivery.timeout,
+                                           allow=cfg.delivery.allow_networks,
+                                           require_https=not cfg.delivery.allow_http)
+                result = {"status": resp.status, "error": resp.error, "retry_after": resp.header("retry-after")}
+                metrics.DELIVERY_SECONDS.labels(tname, ep.channel).observe(resp.elapsed)
+            except outbound.Refused as exc:
+                result = {"refused": True, "reason": f"refused by the outbound policy: {exc.reason}"}
+            except Exception as exc:
+                result = {"status": None, "error": f"{exc.__class__.__name__}: {exc}"}
+            log.info("delivery %s to %s attempt %d: %s (%.0f ms)", did, ep.name, attempt,
+                     result.get("status") or result.get("reason") or result.get("error"),
+                     (time.monotonic() - started) * 1000)
+        topo.notifications_topic.send_soon(key=did.encode(), value=orjson.dumps(
+            {"kind": "result", "delivery_id": did, "attempt": attempt, "at": now_s(), **result}))
+
+    topo.agents["notify"] = deliver  # type: ignore[index]
