@@ -748,11 +748,12 @@ def cmd_integrations(args, settings: Settings) -> int:
         store = IntegrationStore(settings.postgres_dsn, settings.db_prefix, tenants, cache_seconds=0)
         try:
             if args.action == "create":
-                integ, key = await store.create(args.tenant, args.kind, args.name, options, signed=args.signed)
+                integ, key = await store.create(args.tenant, args.kind, args.name, options, signed=args.signed,
+                                                signing_secret=args.slack_signing_secret)
                 out = {"id": integ.id, "tenant": integ.tenant, "kind": integ.kind, "name": integ.name,
                        "options": integ.options, "signed": integ.signing_secret is not None,
                        "created_at": integ.created_at, "key": key}
-                if integ.signing_secret is not None:
+                if integ.signing_secret is not None and integ.kind != "slack":
                     out["signing_secret"] = integ.signing_secret
                 return out
             if args.action == "list":
@@ -1004,7 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
     ic = igs.add_parser("create", help="a new integration and its key (shown once)",
                         description="Create an integration; prints its key once (and its signing secret once "
                                     "with --signed) and where the monitor sends.")
-    ic.add_argument("--kind", required=True, choices=["pagerduty", "alertmanager", "grafana", "datadog", "events"])
+    ic.add_argument("--kind", required=True,
+                    choices=["pagerduty", "alertmanager", "grafana", "datadog", "events", "slack"])
+    ic.add_argument("--slack-signing-secret", help="slack: the Slack app's signing secret (Basic Information)")
     ic.add_argument("--name", required=True, help="what the monitor is, e.g. 'prod alertmanager'")
     ic.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the integration, e.g. dedup_by=group (repeatable; a JSON value is parsed)")

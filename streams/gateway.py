@@ -143,6 +143,7 @@ class Gateway:
         self.limiter = limiter
         self.publisher = publisher
         self.tenants = load_tenants(settings.tenants_file)
+        self._background: set[asyncio.Task] = set()
 
     async def authenticate(self, key: str | None):
         """The key's integration (None: unknown, revoked, expired); PostgreSQL down -> Unavailable."""
@@ -163,6 +164,7 @@ class Gateway:
                 if errors is not None else ([message] if status in (400, 413) else None)
             return _pd_error(status, msg, errs, label)
         code = {400: "invalid_payload", 401: "unauthorized", 403: "forbidden", 413: "too_large",
+                404: "not_found",
                 429: "rate_limited", 503: "unavailable"}[status]
         return _error(status, code, message, errors)
 
@@ -251,6 +253,70 @@ class Gateway:
             return Answer(202, {"status": "success", "message": "Event processed", "dedup_key": dedup_keys[0]})
         return Answer(202, {"status": "accepted", "events": len(records), "dedup_keys": dedup_keys})
 
+    async def slack_action(self, key: str, raw: bytes | None, headers) -> Answer:
+        """A Slack button press: verify Slack's signature, publish the acknowledge / resolve command
+        (the Slack user as actor) to T.intake, then update the message through ``response_url``."""
+        from streams.domain import slack
+        from streams.domain.intake import derive_id
+
+        try:
+            integration = await self.authenticate(key)
+        except Unavailable as exc:
+            return self._fail("slack", 503, str(exc))
+        if integration is None:
+            return self._fail("slack", 401, "unknown, revoked or expired integration key")
+        if integration.kind != "slack":
+            return self._fail("slack", 403, f"this key belongs to a {integration.kind} integration")
+        if raw is None:
+            return self._fail("slack", 413, f"body over {MAX_BODY} bytes")
+        why = slack.verify_slack_signature(integration.signing_secret or "", headers.get("X-Slack-Request-Timestamp"),
+                                           headers.get("X-Slack-Signature"), raw, int(time.time()))
+        if why is not None:
+            return self._fail("slack", 401, f"Slack signature: {why}")
+        try:
+            action = slack.parse_action(raw)
+            tenant_name, case_id, _dedup_key = action.value.split("|", 2)
+        except ValueError as exc:
+            return self._fail("slack", 400, f"not a casestream button: {exc}")
+        if tenant_name != integration.tenant:
+            return self._fail("slack", 403, f"this button belongs to tenant {tenant_name}")
+        op = {slack.ACK_ACTION_ID: "acknowledge", slack.RESOLVE_ACTION_ID: "resolve"}.get(action.action_id)
+        if op is None:
+            return self._fail("slack", 400, f"unknown action {action.action_id!r}")
+        tenant = self.tenants[tenant_name]
+        status = tenant.actions[op]
+        actor = {"id": f"slack:{action.user_id}", "name": action.user_name, "email": None}
+        command = {"event_id": derive_id("slack", raw), "command": "set_status", "case_id": case_id,
+                   "status": status, "actor": actor}
+        try:
+            await self.publisher.publish(tenant_name, [(case_id.encode(), orjson.dumps(command))])
+        except Unavailable as exc:
+            log.warning("503: %s", exc)
+            return self._fail("slack", 503, "intake is unavailable; press again later")
+        metrics.GATEWAY_EVENTS.labels(tenant_name, "slack", "accepted").inc()
+        update = slack.updated_message(action.message_blocks or {"case_id": case_id}, status, action)
+        task = asyncio.ensure_future(self._respond_to_slack(action.response_url, update))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return Answer(200, {})
+
+    async def _respond_to_slack(self, url: str | None, message: dict) -> None:
+        from streams import outbound
+        from streams.domain.slack import valid_response_url
+
+        extra = [p for p in self.settings.slack_response_prefixes if url and url.startswith(p)]
+        if not (valid_response_url(url) or extra):
+            log.warning("slack: response_url %r is not Slack's; message not updated", url)
+            return
+        try:
+            resp = await outbound.post(url, orjson.dumps(message), {"Content-Type": "application/json"},
+                                       allow=["127.0.0.0/8"] if extra else (),
+                                       require_https=not any(p.startswith("http://") for p in extra))
+            if resp.status is None or resp.status >= 300:
+                log.warning("slack: message update answered %s %s", resp.status, resp.error or "")
+        except Exception as exc:
+            log.warning("slack: message update failed: %r", exc)
+
     @staticmethod
     def _json(raw: bytes) -> tuple[object, str | None]:
         try:
@@ -333,7 +399,16 @@ def add_intake_routes(app: web.Application, settings: Settings, store=None, limi
         await publisher.close()
         await store.close()
 
+    async def slack_actions(request: web.Request) -> web.Response:
+        answer = await gw.slack_action(request.match_info["key"], await _read_body(request), request.headers)
+        metrics.GATEWAY_REQUESTS.labels(key_tenant(request.match_info["key"]) or "-", "slack",
+                                        str(answer.status)).inc()
+        if answer.status == 200:
+            return web.Response(status=200)  # Slack wants a quick empty 200; the message is updated apart
+        return web.Response(body=orjson.dumps(answer.body), status=answer.status, content_type="application/json")
+
     app.router.add_post("/v2/enqueue", enqueue)
+    app.router.add_post("/v1/integrations/{key}/slack/actions", slack_actions)
     app.router.add_post("/v1/integrations/{key}/{kind}", monitor)
     app.router.add_get("/ready", ready)
     app.on_cleanup.append(on_cleanup)

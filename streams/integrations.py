@@ -48,7 +48,9 @@ import orjson
 
 from streams.domain.auth import hash_key, key_tenant, new_key
 
-KINDS = ("pagerduty", "alertmanager", "grafana", "datadog", "events")
+KINDS = ("pagerduty", "alertmanager", "grafana", "datadog", "events", "slack")
+# slack: Slack's interactivity requests (buttons); its signing secret is the
+# one Slack issues for the app (given at create), not one casestream makes
 ID_PREFIX = "int_"
 SECRET_PREFIX = "whsec_"
 MAX_NAME = 200
@@ -78,6 +80,8 @@ def endpoint(kind: str, key: str) -> str:
     """How a monitor of ``kind`` sends with ``key``."""
     if kind == "pagerduty":
         return f"POST /v2/enqueue with routing_key={key}"
+    if kind == "slack":
+        return f"Slack app Interactivity Request URL: https://<gateway>/v1/integrations/{key}/slack/actions"
     return f"POST /v1/integrations/{key}/{kind}"
 
 
@@ -137,11 +141,17 @@ class IntegrationStore:
     # -- management ---------------------------------------------------------------
 
     async def create(self, tenant: str, kind: str, name: str, options: dict | None = None,
-                     signed: bool = False) -> tuple[Integration, str]:
-        """A new integration and its key (the key is not stored: show it once)."""
+                     signed: bool = False, signing_secret: str | None = None) -> tuple[Integration, str]:
+        """A new integration and its key (the key is not stored: show it once).
+        ``signing_secret``: a secret issued elsewhere (Slack's app signing secret)."""
         self._check_tenant(tenant)
         if kind not in KINDS:
             raise IntegrationError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        if kind == "slack" and not signing_secret:
+            raise IntegrationError("a slack integration needs Slack's signing secret (--slack-signing-secret; "
+                                   "Slack app settings, Basic Information)")
+        if signing_secret is not None and (kind != "slack" or signed):
+            raise IntegrationError("a given signing secret is for slack integrations only")
         name = (name or "").strip()
         if not name or len(name) > MAX_NAME:
             raise IntegrationError(f"name: 1-{MAX_NAME} characters, got {len(name)}")
@@ -156,7 +166,7 @@ class IntegrationStore:
             raise IntegrationError(f"options: {len(options_json)} bytes as JSON; at most {MAX_OPTIONS_BYTES}")
         integration_id = ID_PREFIX + secrets.token_hex(6)
         key = new_key(tenant, secrets.token_urlsafe(24))
-        secret = SECRET_PREFIX + secrets.token_urlsafe(24) if signed else None
+        secret = SECRET_PREFIX + secrets.token_urlsafe(24) if signed else signing_secret
         pool = await self._pool(tenant)
         async with pool.acquire() as conn, conn.transaction():
             created_at = await conn.fetchval(

@@ -31,6 +31,9 @@ class Settings:
     timer_tick: float = 0.5               # seconds between scans for due timers
     rate_per_integration: tuple[float, float] = (50.0, 500.0)   # gateway: events/s, burst
     rate_per_tenant: tuple[float, float] = (500.0, 5000.0)
+    # response_url prefixes the gateway may post Slack message updates to besides https://hooks.slack.com/
+    # (tests: a local receiver)
+    slack_response_prefixes: tuple[str, ...] = ()
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -66,6 +69,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         timer_tick=float(env.get("CASESTREAM_TIMER_TICK", "0.5")),
         rate_per_integration=_rate(env, "CASESTREAM_RATE_PER_INTEGRATION", "50/500"),
         rate_per_tenant=_rate(env, "CASESTREAM_RATE_PER_TENANT", "500/5000"),
+        slack_response_prefixes=tuple(p.strip() for p in env.get("CASESTREAM_SLACK_RESPONSE_PREFIXES", "").split(",")
+                                      if p.strip()),
     )
 
 

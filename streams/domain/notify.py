@@ -37,12 +37,15 @@ def deliveries(tenant: Tenant, cfg, before: dict[str, dict | None], events: list
     if not events or (not cfg.notification_rules and not any(e["type"] == "NotificationRequested" for e in events)):
         return []
     states = dict(before)
+    # a shadow page is known as such from its first EscalationStepStarted on (which follows CaseCreated)
+    shadow = {e["case_id"] for e in events if e.get("is_shadow")} | {
+        cid for cid, st in before.items() if st and st.get("is_shadow")}
     out: list[dict] = []
     for index, e in enumerate(events):
         cid = e["case_id"]
         state = compact(apply(tenant, states.get(cid), e))
         states[cid] = state
-        if state.get("is_shadow") or e.get("is_shadow") or e["type"] in OUTCOME_TYPES:
+        if cid in shadow or e["type"] in OUTCOME_TYPES:
             continue  # shadow: recorded, never sent; outcomes: never notified
         targets = []
         if e["type"] == "NotificationRequested":

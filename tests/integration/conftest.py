@@ -270,7 +270,15 @@ class Stack:
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for recs in batch.values():
                     for rec in recs:
-                        d = schemas.decode(rec.value) if role == "domain-events" else orjson.loads(rec.value)
+                        if role == "domain-events":
+                            d = schemas.decode(rec.value)
+                        else:  # JSON topics; intake may also hold garbage a test sent on purpose
+                            try:
+                                d = orjson.loads(rec.value)
+                            except orjson.JSONDecodeError:
+                                d = {"_raw": rec.value.decode("utf-8", errors="replace") if rec.value else None}
+                            if not isinstance(d, dict):
+                                d = {"_json": d}
                         d["_partition"], d["_offset"] = rec.partition, rec.offset
                         d["_headers"] = {k: v.decode() for k, v in (rec.headers or ())}
                         if match(d):

@@ -236,7 +236,7 @@ def test_errors_say_what_to_do(pg):
             await store.rotate(TENANT, integ.id, -1)
         with pytest.raises(IntegrationError, match="unknown tenant"):
             await store.list("nope")
-        assert set(KINDS) == {"pagerduty", "alertmanager", "grafana", "datadog", "events"}
+        assert set(KINDS) == {"pagerduty", "alertmanager", "grafana", "datadog", "events", "slack"}
 
     run(_with(pg.store(), scenario))
 

@@ -71,3 +71,19 @@ def test_routing_uses_the_case_after_each_event(tmp_path):
 def test_no_subscriptions_no_routing():
     assert route_events(OC, (), {}, [{"case_id": "x"}]) == []
 
+
+
+def test_the_readme_notification_config_loads(tmp_path, monkeypatch):
+    from streams.config import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "README.md").read_text()
+    block = text.split("## Notifications: webhooks and Slack", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("OPS_WEBHOOK_SECRET", "whsec_readme")
+    cfg = load(tmp_path, block)
+    assert cfg.endpoints["ops-webhook"].secret == "whsec_readme"
+    assert [ep.name for ep in cfg.user_endpoints("u-bob")] == ["user:u-bob:webhook", "user:u-bob:slack"]
+    assert cfg.notification_rules[0].endpoints == ("ops-webhook", "sre-slack")
+    assert cfg.delivery.timeout == 5 and cfg.delivery.retry_window == 86400
+    monkeypatch.delenv("OPS_WEBHOOK_SECRET")
+    with pytest.raises(ConfigError, match="OPS_WEBHOOK_SECRET is not set"):
+        load(tmp_path, block)
