@@ -40,11 +40,11 @@ import time
 
 import orjson
 
-from agents.intake import write_in_context
+from agents.intake import dead_letter, write_in_context
 from streams import metrics, outbound
 from streams.app import Topology
 from streams.domain import delivery as policy
-from streams.domain.intake import routing_token
+from streams.domain.intake import NOTIFICATION_FAILED, Rejection, routing_token
 from streams.domain.notify import endpoint_for
 from streams.domain.slack import slack_message
 from streams.domain.webhook import DELIVERY_ID_HEADER, webhook_body, webhook_headers
@@ -100,6 +100,14 @@ def register(topo: Topology, tick: float = 0.5) -> None:
                     {"delivery_id": did, "state": "pending", "attempts": 0, "first_at": now_s(),
                      "next_at": now_s(), "request": msg}))
             return
+        if msg["kind"] == "retry":  # `casestream dlq replay` of a failed delivery, after a fix
+            if state is not None and state["state"] == "failed":
+                request = {k: v for k, v in msg.items() if k != "kind"}
+                write_in_context(topo.deliveries, event, did, orjson.dumps(
+                    {"delivery_id": did, "state": "pending", "attempts": 0, "first_at": now_s(), "next_at": now_s(),
+                     "request": dict(request, kind="request")}))
+                log.info("delivery %s to %s: retried on request (dead letter replay)", did, msg.get("endpoint"))
+            return
         if msg["kind"] != "result":
             return
         if inflight.get(did) == msg["attempt"]:
@@ -151,6 +159,8 @@ def register(topo: Topology, tick: float = 0.5) -> None:
                 return
         else:
             final = "failed"
+        if final == "failed":  # a dead letter: `casestream dlq replay --reason notification_failed` retries it
+            dead_letter_failure(event, req, outcome.reason)
         # final: keep a small record (the id stays known: a re-sent request is ignored)
         write_in_context(topo.deliveries, event, did, orjson.dumps(
             {"delivery_id": did, "state": final, "attempts": attempts, "endpoint": name}))
@@ -161,6 +171,15 @@ def register(topo: Topology, tick: float = 0.5) -> None:
                   "notification_id": req.get("notification_id"), "user_id": req.get("user_id"),
                   "at": int(at * 1000)}
         topo.timers_topic.send_soon(key=routing_token(req["dedup_key"]).encode(), value=orjson.dumps(report))
+
+    def dead_letter_failure(event, req: dict, reason: str) -> None:
+        msg = event.message
+        record = dead_letter(Rejection(NOTIFICATION_FAILED, f"delivery {req['delivery_id']} to {req['endpoint']}: "
+                                                            f"{reason}"), msg.topic, msg.partition, msg.offset,
+                             orjson.dumps(req))
+        record["dead_lettered_at"] = int(time.time() * 1000)
+        topo.dlq.send_soon(key=req["delivery_id"].encode(), value=orjson.dumps(record))
+        metrics.DLQ_MESSAGES.labels(tname, NOTIFICATION_FAILED).inc()
 
     @app.timer(interval=tick, name=f"{topo.family.app_id}.deliveries")
     async def send_due():

@@ -49,7 +49,7 @@ import orjson
 from streams.config import Tenant, TopicFamily
 from streams.domain.intake import REASONS, routing_token
 
-INTAKE, TIMERS = "intake", "timers"
+INTAKE, TIMERS, NOTIFICATIONS = "intake", "timers", "notifications"
 GATEWAY_PREFIX = "gateway:"
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a 512 KiB message and headroom (as the gateway's producer)
 
@@ -233,13 +233,13 @@ def intake_key(raw: bytes, tenant: Tenant) -> bytes | None:
 
 
 def source_kind(record: dict, family: TopicFamily) -> str | None:
-    """``intake``, ``intake-routed``, ``timers``, ``gateway:<kind>``; None when unknown."""
+    """``intake``, ``intake-routed``, ``timers``, ``notifications``, ``gateway:<kind>``; None when unknown."""
     topic = (record.get("source") or {}).get("topic") if isinstance(record.get("source"), dict) else None
     if not isinstance(topic, str):
         return None
     if topic.startswith(GATEWAY_PREFIX):
         return topic
-    for role in ("intake", "intake-routed", "timers"):
+    for role in ("intake", "intake-routed", "timers", "notifications"):
         if topic == family.name(role):
             return role
     return None
@@ -287,6 +287,17 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
         if not isinstance(timer, dict) or not isinstance(timer.get("dedup_key"), str) or not timer["dedup_key"]:
             return _skip("the original is not a timer (no 'dedup_key')")
         return Plan(publish=(Publish(TIMERS, routing_token(timer["dedup_key"]).encode(), raw),))
+    if kind == "notifications":
+        # a failed delivery: ask the delivery agent to try it again (same delivery id, so receivers
+        # still deduplicate; a delivery that is pending or delivered ignores it)
+        try:
+            request = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _skip("the original is not a delivery request (not JSON)")
+        if not isinstance(request, dict) or not isinstance(request.get("delivery_id"), str):
+            return _skip("the original is not a delivery request (no 'delivery_id')")
+        retry = orjson.dumps(dict(request, kind="retry"))
+        return Plan(publish=(Publish(NOTIFICATIONS, request["delivery_id"].encode(), retry),))
     # gateway:<kind>: what the gateway would have published had it not been rate limited
     from streams.domain.monitors import PayloadError, translate
 

@@ -48,8 +48,10 @@ UNKNOWN_CASE = "unknown_case"
 PROCESSING_ERROR = "processing_error"
 # the gateway refused events over a rate limit (the request was answered 429)
 RATE_LIMITED = "rate_limited"
+# a notification failed for good (permanent error, or retries exhausted); replay retries it
+NOTIFICATION_FAILED = "notification_failed"
 REASONS = (INVALID_JSON, INVALID_EVENT, TOO_LARGE, NO_OPEN_CASE, INVALID_TRANSITION, UNKNOWN_CASE, PROCESSING_ERROR,
-           RATE_LIMITED)
+           RATE_LIMITED, NOTIFICATION_FAILED)
 
 
 @dataclass(frozen=True)

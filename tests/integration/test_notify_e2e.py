@@ -258,3 +258,46 @@ def orjson_text(obj) -> str:
     import orjson
 
     return orjson.dumps(obj).decode()
+
+
+def test_a_failed_notification_is_dead_lettered_and_replayed_after_a_fix(fresh_stack, tmp_path, run_id):
+    import subprocess
+    import sys
+
+    from streams.config import PROJECT_ROOT
+
+    rx = Receiver(script={"/fixme": [410, 200]}).start()   # wrong at first, fixed by the time of the replay
+    try:
+        stack = fresh_stack
+        start = (int(time.time() * 1000) // 60_000) * 60_000
+        cfg = config(rx, free_port()).replace(
+            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack]", "endpoints: [fixme]")
+        cfg = cfg.replace("endpoints:\n", f"endpoints:\n  fixme: {{type: webhook, url: \"{rx.url('/fixme')}\"}}\n", 1)
+        pg = Pager(stack, TENANT, cfg, tmp_path, start)
+        pg.start()
+        key = f"{run_id}/fix"
+        pg.send([{"event_id": f"{run_id}-1", "action": "trigger", "dedup_key": key, "summary": "x",
+                  "source": "notify-test"}])
+        failed = outcomes(pg, key, 1)[0]
+        assert failed["type"] == "NotificationFailed" and failed["status_code"] == 410
+        dead = stack.read(TENANT, "dlq", lambda r: r.get("reason") == "notification_failed"
+                          and key in (r.get("original") or ""), count=1)[0]
+        assert failed["delivery_id"] in dead["detail"]
+
+        def replay():
+            out = subprocess.run([sys.executable, "-m", "streams.cli", "dlq", "replay", "--tenant", TENANT,
+                                  "--reason", "notification_failed", "--match", key, "--json"],
+                                 env=stack.env, cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+
+        replay()
+        delivered = stack.read(TENANT, "domain-events", lambda r: r.get("dedup_key") == key
+                               and r["type"] == "NotificationDelivered", count=1)[0]
+        assert delivered["delivery_id"] == failed["delivery_id"]
+        replay()                                                   # idempotent: delivered stays delivered
+        again = stack.read(TENANT, "domain-events", lambda r: r.get("dedup_key") == key
+                           and r["type"] == "NotificationDelivered", count=1, settle=2.0)
+        assert len(again) == 1 and len(rx.on("/fixme")) == 2
+        assert rx.delivery_ids("/fixme") == {failed["delivery_id"]}   # the same delivery id both times
+    finally:
+        rx.stop()

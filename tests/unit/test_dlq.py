@@ -279,3 +279,13 @@ def test_a_replay_publishes_each_distinct_message_once():
     assert [len(i.plan.publish) for i in items] == [1, 0, 1, 2, 1]
     assert items[1].plan.skip == "the same message as dead letter 0:1 (published once)"
     assert items[4].plan.publish[0].key == b"db/io"
+
+
+def test_a_failed_notification_is_replayed_as_a_retry_of_the_same_delivery():
+    request = {"kind": "request", "delivery_id": "d-1", "endpoint": "ops", "channel": "webhook", "case_id": "PG-x-1",
+               "dedup_key": "k", "event": {"type": "CaseCreated"}}
+    p = only(dlq.plan(record("notification_failed", FAMILY.name("notifications"), orjson.dumps(request)), OC, FAMILY))
+    assert (p.role, p.key) == ("notifications", b"d-1")
+    assert orjson.loads(p.value) == dict(request, kind="retry")
+    skipped = dlq.plan(record("notification_failed", FAMILY.name("notifications"), b'{"no": "id"}'), OC, FAMILY)
+    assert not skipped.publish and "delivery_id" in skipped.skip
