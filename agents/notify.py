@@ -2,8 +2,9 @@
 
 The apply agent decides deliveries (``streams/domain/notify.py``) and puts a
 request on ``T.notifications`` (keyed by delivery id) as part of its recorded
-outputs. This agent keeps every delivery in the ``deliveries`` table
-(changelogged, partitioned like that topic):
+outputs. This agent keeps every pending delivery in the ``deliveries``
+table and every finished one in ``delivery_outcomes`` (changelogged,
+partitioned like that topic; the scan below reads only the pending ones):
 
 * a **request** it has not seen becomes a pending delivery (a known id is a
   re-sent request: ignored);
@@ -72,12 +73,12 @@ def register(topo: Topology, tick: float = 0.5) -> None:
             breakers[name] = policy.CircuitBreaker(d.breaker_failures, d.breaker_open, max(d.breaker_open, 3600.0))
         return breakers[name]
 
-    def load(key: str) -> dict | None:
-        raw = topo.deliveries.get(key)
+    def load(table, key: str) -> dict | None:
+        raw = table.get(key)
         return orjson.loads(raw) if raw is not None else None
 
     def disabled(ep) -> dict | None:
-        rec = load(f"endpoint:{ep.name}")
+        rec = load(topo.deliveries, f"endpoint:{ep.name}")
         return rec if rec and rec.get("disabled") and rec.get("url") == ep.url else None
 
     @app.agent(topo.notifications_topic, name=f"{topo.family.app_id}.notify")
@@ -90,10 +91,14 @@ def register(topo: Topology, tick: float = 0.5) -> None:
                     log.exception("notifications %s:%s@%s could not be handled", event.message.topic,
                                   event.message.partition, event.message.offset)
 
+    def state_of(did: str) -> dict | None:
+        """The pending delivery, else its final outcome, else None (never seen)."""
+        return load(topo.deliveries, did) or load(topo.delivery_outcomes, did)
+
     def handle(event) -> None:
         msg = orjson.loads(event.value)
         did = msg["delivery_id"]
-        state = load(did)
+        state = state_of(did)
         if msg["kind"] == "request":
             if state is None:
                 write_in_context(topo.deliveries, event, did, orjson.dumps(
@@ -129,7 +134,7 @@ def register(topo: Topology, tick: float = 0.5) -> None:
         metrics.DELIVERIES.labels(tname, channel, outcome.kind).inc()
         newly_disabled = 0
         if not msg.get("refused") or msg.get("count_failure", True):
-            rec = load(f"endpoint:{name}") or {"consecutive_permanent": 0}
+            rec = load(topo.deliveries, f"endpoint:{name}") or {"consecutive_permanent": 0}
             health = policy.EndpointHealth(cfg.delivery.disable_after)
             health.consecutive_permanent = rec.get("consecutive_permanent", 0)
             health.disabled = bool(rec.get("disabled"))
@@ -161,9 +166,11 @@ def register(topo: Topology, tick: float = 0.5) -> None:
             final = "failed"
         if final == "failed":  # a dead letter: `casestream dlq replay --reason notification_failed` retries it
             dead_letter_failure(event, req, outcome.reason)
-        # final: keep a small record (the id stays known: a re-sent request is ignored)
-        write_in_context(topo.deliveries, event, did, orjson.dumps(
+        # final: a small record in the outcomes table (the id stays known: a re-sent request is
+        # ignored); the pending table, which every tick scans, keeps only what is pending
+        write_in_context(topo.delivery_outcomes, event, did, orjson.dumps(
             {"delivery_id": did, "state": final, "attempts": attempts, "endpoint": name}))
+        write_in_context(topo.deliveries, event, did, None)
         report = {"kind": "delivery", "outcome": final, "delivery_id": did, "case_id": req["case_id"],
                   "dedup_key": req["dedup_key"], "endpoint": name, "channel": channel, "attempts": attempts,
                   "status_code": msg.get("status"), "reason": outcome.reason,

@@ -32,7 +32,8 @@ class Topology:
     timers_topic: faust.TopicT | None = None
     timers: faust.Table | None = None    # index of pending timers (timer id -> due time, case)
     notifications_topic: faust.TopicT | None = None
-    deliveries: faust.Table | None = None  # delivery id -> request, attempts, state
+    deliveries: faust.Table | None = None  # delivery id -> request, attempts (pending ones only)
+    delivery_outcomes: faust.Table | None = None  # delivery id -> delivered / failed
     oncall: object | None = None         # streams.oncall_config.ConfigWatcher
     clock: object | None = None          # streams.clock: when timers are due
     bootstrap: str = ""                  # Kafka, for the admin work agents do (relay topics)
@@ -126,7 +127,10 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         if has_intake else None,
         notifications_topic=_raw_topic(app, family.name("notifications")),
         deliveries=app.Table("deliveries", default=None, key_type=bytes, value_type=bytes, options=table_opts,
-                             help="delivery id -> request, attempts and state")
+                             help="delivery id -> request, attempts and next attempt (pending ones)")
+        if has_intake else None,
+        delivery_outcomes=app.Table("delivery_outcomes", default=None, key_type=bytes, value_type=bytes,
+                                    options=table_opts, help="delivery id -> delivered or failed")
         if has_intake else None,
     )
     from agents import intake  # agents are thin shells over streams.domain

@@ -12,7 +12,7 @@ import pytest
 from streams.domain.auth import verify_signature
 from streams.services import free_port
 from tests.integration.receivers import Receiver
-from tests.integration.test_paging_e2e import Pager
+from tests.integration.test_paging_e2e import Pager, _metric
 
 pytestmark = pytest.mark.integration
 
@@ -140,6 +140,10 @@ def test_deliveries_retries_failures_and_policy(fresh_stack, tmp_path, rx, run_i
     bodies = [h.json for h in rx.on("/ann")]
     assert [b["event"]["type"] for b in bodies] == ["NotificationRequested"]
     assert all(b["event"]["dedup_key"] == page for b in bodies)
+    port = pg.worker.metrics_port
+    assert _metric(port, 'casestream_notification_deliveries_total{channel="webhook",outcome="delivered"') >= 4
+    assert _metric(port, 'casestream_notification_deliveries_total{channel="webhook",outcome="retry"') >= 3
+    assert _metric(port, "casestream_notification_delivery_duration_seconds_count") >= 8
 
 
 def test_worker_killed_with_deliveries_pending_loses_none(fresh_stack, tmp_path, run_id):

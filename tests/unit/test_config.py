@@ -242,7 +242,7 @@ def test_load_topics_names(tenant):
     assert fam.name("domain-events") == f"{tenant}.domain-events"
     assert fam.name("dlq") == f"{tenant}.dlq"
     assert fam.name("timers") == f"{tenant}.timers"
-    assert fam.tables == ("keys", "case_keys", "timers", "deliveries")
+    assert fam.tables == ("keys", "case_keys", "timers", "deliveries", "delivery_outcomes")
     assert fam.changelog("keys").name == f"casestream-{tenant}-keys-changelog"
     assert fam.changelog("case_keys").name == f"casestream-{tenant}-case_keys-changelog"
     assert fam.changelog("keys").config == {"cleanup.policy": "compact"}
@@ -250,7 +250,8 @@ def test_load_topics_names(tenant):
     assert names == sorted([f"{tenant}.intake", f"{tenant}.intake-routed", f"{tenant}.domain-events",
                             f"{tenant}.dlq", f"{tenant}.timers", f"{tenant}.notifications",
                             f"casestream-{tenant}-keys-changelog", f"casestream-{tenant}-case_keys-changelog",
-                            f"casestream-{tenant}-timers-changelog", f"casestream-{tenant}-deliveries-changelog"])
+                            f"casestream-{tenant}-timers-changelog", f"casestream-{tenant}-deliveries-changelog",
+                            f"casestream-{tenant}-delivery_outcomes-changelog"])
     assert fam.partitions == 8 and fam.replication_factor == 1
     assert all(t.partitions == 8 for t in fam.all_topics())
     assert fam.topics["domain-events"].config["retention.ms"] == "-1"
@@ -261,7 +262,7 @@ def test_topic_families_are_isolated():
     a, b = load_topics("case-management"), load_topics("on-call")
     na = {t.name for t in a.all_topics()}
     nb = {t.name for t in b.all_topics()}
-    assert len(na) == len(nb) == 10
+    assert len(na) == len(nb) == 11
     assert not na & nb
     assert a.app_id != b.app_id
 
