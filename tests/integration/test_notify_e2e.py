@@ -40,15 +40,17 @@ endpoints:
   dead: {{type: webhook, url: "http://127.0.0.1:{dead_port}/x"}}
   private: {{type: webhook, url: "http://10.255.255.1:8080/x"}}
   slack: {{type: slack, url: "{rx.url('/slack')}"}}
+  slow: {{type: webhook, url: "{rx.url('/slow')}"}}
 notification_rules:
   - id: new-cases
     event_types: [CaseCreated]
     match: {{source: notify-test}}
-    endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack]
+    endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack, slow]
 delivery:
   timeout: 1s
   retry_window: 10m
   disable_after: 2
+  breaker_failures: 3
   allow_networks: ["127.0.0.0/8"]
   allow_http: true
 {extra}"""
@@ -63,7 +65,7 @@ def outcomes(pg: Pager, prefix: str, count: int) -> list[dict]:
 @pytest.fixture
 def rx():
     r = Receiver(script={"/flaky": [500, 500, 200], "/throttle": [(429, {"Retry-After": "120"}), 200],
-                         "/gone": [410], "/redirect": [302]}).start()
+                         "/gone": [410], "/redirect": [302], "/slow": [("sleep", 3, 200), 200]}).start()
     yield r
     r.stop()
 
@@ -78,7 +80,8 @@ def test_deliveries_retries_failures_and_policy(fresh_stack, tmp_path, rx, run_i
               "source": "notify-test", "severity": "critical"}])
     stack = pg.stack
     # first attempts everywhere (nothing for the private address; the redirect is not followed)
-    stack.poll(lambda: {p: len(rx.on(p)) for p in ("/ok", "/flaky", "/throttle", "/gone", "/redirect", "/slack")},
+    stack.poll(lambda: {p: len(rx.on(p)) for p in ("/ok", "/flaky", "/throttle", "/gone", "/redirect", "/slack",
+                                                    "/slow")},
                lambda n: all(v == 1 for v in n.values()), what="first attempts")
     got = {e["endpoint"]: e for e in outcomes(pg, a, 5)}
     assert got["ok"]["type"] == "NotificationDelivered" and got["ok"]["attempts"] == 1
@@ -97,15 +100,20 @@ def test_deliveries_retries_failures_and_policy(fresh_stack, tmp_path, rx, run_i
     buttons = [el["action_id"] for b in blocks if b["type"] == "actions" for el in b["elements"]]
     assert buttons == ["casestream_acknowledge", "casestream_resolve"]
 
-    # retries happen on the clock: Retry-After 120 s, backoff for the 500s, the dead port until the window ends
+    # retries happen on the clock: Retry-After 120 s, backoff for the 500s, the slow answer that timed out,
+    # the dead port until the window ends. First every first attempt's result is in (4 to retry):
+    retries = 'casestream_notification_deliveries_total{channel="webhook",outcome="retry"'
+    stack.poll(lambda: _metric(pg.worker.metrics_port, retries), lambda n: n >= 4, what="the first retry results")
     pg.at(t0 + 121 * SEC)
     stack.poll(lambda: (len(rx.on("/flaky")), len(rx.on("/throttle"))), lambda n: n == (2, 2), what="retries")
     pg.at(t0 + 200 * SEC)
-    stack.poll(lambda: len(rx.on("/flaky")), lambda n: n == 3, what="the third flaky attempt")
+    stack.poll(lambda: (len(rx.on("/flaky")), len(rx.on("/slow"))), lambda n: n == (3, 2),
+               what="the third flaky attempt and the second slow one")
     pg.at(t0 + 11 * 60 * SEC)
-    got = {e["endpoint"]: e for e in outcomes(pg, a, 8)}
+    got = {e["endpoint"]: e for e in outcomes(pg, a, 9)}
     assert (got["flaky"]["type"], got["flaky"]["attempts"]) == ("NotificationDelivered", 3)
     assert (got["throttled"]["type"], got["throttled"]["attempts"]) == ("NotificationDelivered", 2)
+    assert (got["slow"]["type"], got["slow"]["attempts"]) == ("NotificationDelivered", 2), got["slow"]["reason"]  # 3 s: timed out
     assert got["dead"]["type"] == "NotificationFailed" and not got["dead"]["permanent"]
     assert "retry window" in got["dead"]["reason"]
     assert len(rx.on("/flaky")) == 3 and len(rx.on("/throttle")) == 2   # nothing after success
@@ -142,8 +150,10 @@ def test_deliveries_retries_failures_and_policy(fresh_stack, tmp_path, rx, run_i
     assert all(b["event"]["dedup_key"] == page for b in bodies)
     port = pg.worker.metrics_port
     assert _metric(port, 'casestream_notification_deliveries_total{channel="webhook",outcome="delivered"') >= 4
-    assert _metric(port, 'casestream_notification_deliveries_total{channel="webhook",outcome="retry"') >= 3
+    assert _metric(port, retries) >= 4
     assert _metric(port, "casestream_notification_delivery_duration_seconds_count") >= 8
+    # the dead port opened its breaker (3 failures in a row); the probe after the pause failed too
+    assert _metric(port, 'casestream_notification_breaker_state{endpoint="dead"') == 2
 
 
 def test_worker_killed_with_deliveries_pending_loses_none(fresh_stack, tmp_path, run_id):
@@ -151,8 +161,7 @@ def test_worker_killed_with_deliveries_pending_loses_none(fresh_stack, tmp_path,
     try:
         start = (int(time.time() * 1000) // 60_000) * 60_000
         cfg = config(rx, free_port()).replace(
-            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack]", "endpoints: [slow]")
-        cfg = cfg.replace("endpoints:\n", f"endpoints:\n  slow: {{type: webhook, url: \"{rx.url('/slow')}\"}}\n", 1)
+            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack, slow]", "endpoints: [slow]")
         pg = Pager(fresh_stack, TENANT, cfg, tmp_path, start)
         worker = pg.start(instance_id=f"notify-{run_id}")
         n = 40
@@ -197,7 +206,7 @@ def test_slack_button_acknowledges_the_page_and_updates_the_message(fresh_stack,
         stack = fresh_stack
         start = (int(time.time() * 1000) // 60_000) * 60_000
         cfg = config(rx, free_port()).replace(
-            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack]", "endpoints: [slack]")
+            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack, slow]", "endpoints: [slack]")
         pg = Pager(stack, TENANT, cfg, tmp_path, start)
         pg.start()
         secret = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -275,7 +284,7 @@ def test_a_failed_notification_is_dead_lettered_and_replayed_after_a_fix(fresh_s
         stack = fresh_stack
         start = (int(time.time() * 1000) // 60_000) * 60_000
         cfg = config(rx, free_port()).replace(
-            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack]", "endpoints: [fixme]")
+            "endpoints: [ok, flaky, throttled, gone, redirect, dead, private, slack, slow]", "endpoints: [fixme]")
         cfg = cfg.replace("endpoints:\n", f"endpoints:\n  fixme: {{type: webhook, url: \"{rx.url('/fixme')}\"}}\n", 1)
         pg = Pager(stack, TENANT, cfg, tmp_path, start)
         pg.start()
