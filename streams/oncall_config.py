@@ -396,8 +396,6 @@ class _Parser:
 
     def notification_rules(self, node: _Node | None, endpoints: dict[str, Endpoint]
                            ) -> tuple[NotificationRule, ...]:
-        from streams.domain.cases import EVENT_TYPES
-
         if node is None:
             return ()
         items = self.seq(node, "notification_rules", "[{id: pages, endpoints: [ops-webhook]}]")
@@ -406,13 +404,7 @@ class _Parser:
             p = f"notification_rules[{i}]"
             self.no_unknown(rn, p, NOTIFICATION_RULE_KEYS)
             m = rn.value
-            types = []
-            for j, v in enumerate(m["event_types"].value if "event_types" in m else []):
-                t = self.string(v, f"{p}.event_types[{j}]")
-                if t not in EVENT_TYPES:
-                    raise self.err(f"{p}.event_types[{j}]", f"{p}.event_types[{j}]: unknown event type '{t}'; "
-                                                            f"use one of {', '.join(EVENT_TYPES)}")
-                types.append(t)
+            types = self.event_types(m, p)
             if "endpoints" not in m or not isinstance(m["endpoints"].value, list) or not m["endpoints"].value:
                 raise self.err(p, f"{p}: rule '{rid}' needs endpoints: a list of names from the endpoints section")
             names = tuple(self.known(self.string(v, f"{p}.endpoints[{j}]"), endpoints, f"{p}.endpoints[{j}]",
@@ -449,9 +441,26 @@ class _Parser:
             kw["allow_http"] = m["allow_http"].value
         return DeliverySettings(**kw)
 
-    def subscriptions(self, node: _Node | None) -> tuple[Subscription, ...]:
+    def event_types(self, m: dict[str, _Node], p: str) -> tuple[str, ...]:
+        """``<p>.event_types``: a non-empty list of known domain event types (absent: every type)."""
         from streams.domain.cases import EVENT_TYPES
 
+        if "event_types" not in m:
+            return ()
+        tn = m["event_types"]
+        if not isinstance(tn.value, list) or not tn.value:
+            raise self.err(f"{p}.event_types", f"{p}.event_types: a non-empty list of event types, or "
+                                               f"remove the key for every type")
+        types = []
+        for j, v in enumerate(tn.value):
+            t = self.string(v, f"{p}.event_types[{j}]")
+            if t not in EVENT_TYPES:
+                raise self.err(f"{p}.event_types[{j}]", f"{p}.event_types[{j}]: unknown event type '{t}'; "
+                                                        f"use one of {', '.join(EVENT_TYPES)}")
+            types.append(t)
+        return tuple(dict.fromkeys(types))
+
+    def subscriptions(self, node: _Node | None) -> tuple[Subscription, ...]:
         if node is None:
             return ()
         items = self.seq(node, "subscriptions", "[{id: sre-pages, format: avro, match: {severity: critical}}]")
@@ -467,20 +476,7 @@ class _Parser:
             if fmt not in RELAY_FORMATS:
                 raise self.err(f"{p}.format", f"{p}.format: unknown format '{fmt}'; use avro (Confluent framing, "
                                               f"decodable with schemas/) or json")
-            types: list[str] = []
-            if "event_types" in m:
-                tn = m["event_types"]
-                if not isinstance(tn.value, list) or not tn.value:
-                    raise self.err(f"{p}.event_types", f"{p}.event_types: a non-empty list of event types, or "
-                                                       f"remove the key for every type")
-                for j, v in enumerate(tn.value):
-                    t = self.string(v, f"{p}.event_types[{j}]")
-                    if t not in EVENT_TYPES:
-                        raise self.err(f"{p}.event_types[{j}]", f"{p}.event_types[{j}]: unknown event type '{t}'; "
-                                                                f"use one of {', '.join(EVENT_TYPES)}")
-                    types.append(t)
-            out.append(Subscription(sid, fmt, tuple(dict.fromkeys(types)), self.criteria(m.get("match"),
-                                                                                         f"{p}.match")))
+            out.append(Subscription(sid, fmt, self.event_types(m, p), self.criteria(m.get("match"), f"{p}.match")))
         return tuple(out)
 
     def users(self, node: _Node | None) -> dict[str, User]:
