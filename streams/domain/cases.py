@@ -387,6 +387,16 @@ def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
     return new
 
 
+def fold_each(tenant: Tenant, before: dict[str, dict | None], events: list[dict]):
+    """Yield (event, its case's compact state right after it), folding from
+    ``before`` (case id -> state before the first event; None: a new case)."""
+    states = dict(before)
+    for e in events:
+        state = compact(apply(tenant, states.get(e["case_id"]), e))
+        states[e["case_id"]] = state
+        yield e, state
+
+
 def replay(tenant: Tenant, events: list[dict]) -> dict | None:
     """Fold a case's events (in version order) into its state."""
     case = None

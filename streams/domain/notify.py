@@ -20,7 +20,7 @@ sends it, retries it, and reports its outcome back through ``T.timers``;
 from __future__ import annotations
 
 from streams.config import Tenant
-from streams.domain.cases import Decision, _Builder, already_seen, apply, compact
+from streams.domain.cases import Decision, _Builder, already_seen, fold_each
 from streams.domain.delivery import delivery_id
 from streams.domain.intake import Intake, derive_id
 from streams.domain.oncall import SYSTEM_ACTOR, matches
@@ -36,15 +36,12 @@ def deliveries(tenant: Tenant, cfg, before: dict[str, dict | None], events: list
     case id -> its state before the first event (None for a new case)."""
     if not events or (not cfg.notification_rules and not any(e["type"] == "NotificationRequested" for e in events)):
         return []
-    states = dict(before)
     # a shadow page is known as such from its first EscalationStepStarted on (which follows CaseCreated)
     shadow = {e["case_id"] for e in events if e.get("is_shadow")} | {
         cid for cid, st in before.items() if st and st.get("is_shadow")}
     out: list[dict] = []
-    for index, e in enumerate(events):
+    for index, (e, state) in enumerate(fold_each(tenant, before, events)):
         cid = e["case_id"]
-        state = compact(apply(tenant, states.get(cid), e))
-        states[cid] = state
         if cid in shadow or e["type"] in OUTCOME_TYPES:
             continue  # shadow: recorded, never sent; outcomes: never notified
         targets = []

@@ -12,7 +12,7 @@ relay topic.
 from __future__ import annotations
 
 from streams.config import Tenant
-from streams.domain.cases import apply, compact
+from streams.domain.cases import fold_each
 from streams.domain.oncall import matches
 
 
@@ -22,12 +22,8 @@ def route_events(tenant: Tenant, subscriptions, before: dict[str, dict | None], 
     id -> its state before the first of ``events`` (None for a new case)."""
     if not subscriptions or not events:
         return []
-    states = dict(before)
     out = []
-    for e in events:
-        cid = e["case_id"]
-        state = compact(apply(tenant, states.get(cid), e))
-        states[cid] = state
+    for e, state in fold_each(tenant, before, events):
         for sub in subscriptions:
             if (not sub.event_types or e["type"] in sub.event_types) and matches(sub.match, state):
                 out.append((sub, e))
