@@ -207,9 +207,11 @@ def register(topo: Topology) -> None:
         events = [(i, o[2]) for i, o in enumerate(outputs) if o[0] == DOMAIN]
         cases = (before_entry or {}).get("cases", {})
         before = {e["case_id"]: cases.get(e["case_id"]) for _, e in events}
-        requests = notifying.deliveries(tenant, cfg, before, [e for _, e in events])
-        return outputs + [[NOTIFY, r["delivery_id"], dict(r, ref=events[r.pop("event_index")][0])]
-                          for r in requests]
+        extra = []
+        for r in notifying.deliveries(tenant, cfg, before, [e for _, e in events]):
+            ref = events[r["event_index"]][0]  # the domain event's place in ``outputs``
+            extra.append([NOTIFY, r["delivery_id"], {k: v for k, v in r.items() if k != "event_index"} | {"ref": ref}])
+        return outputs + extra
 
     def outputs_of(cfg, before_entry: dict | None, events: list[dict]) -> list:
         return with_deliveries(cfg, before_entry, with_relay(cfg, before_entry,

@@ -95,8 +95,35 @@ def register(topo: Topology, tick: float = 0.5) -> None:
         """The pending delivery, else its final outcome, else None (never seen)."""
         return load(topo.deliveries, did) or load(topo.delivery_outcomes, did)
 
+    def endpoint_outcome(event, msg: dict) -> None:
+        """A delivered or permanently failed attempt, for the endpoint's health (kept under one key)."""
+        cfg, name = topo.oncall.current, msg["endpoint"]
+        key = f"endpoint:{name}"
+        rec = load(topo.deliveries, key) or {"consecutive_permanent": 0}
+        if rec.get("url") != msg.get("url"):
+            rec = {"consecutive_permanent": 0}  # a new URL: a fresh start (re-enables a disabled endpoint)
+        health = policy.EndpointHealth(cfg.delivery.disable_after)
+        health.consecutive_permanent = rec.get("consecutive_permanent", 0)
+        health.disabled = bool(rec.get("disabled"))
+        was = health.disabled
+        health.record(msg["outcome"], msg["at"], msg["reason"])
+        write_in_context(topo.deliveries, event, key, orjson.dumps(
+            {"consecutive_permanent": health.consecutive_permanent, "disabled": health.disabled,
+             "url": msg.get("url"), "reason": msg["reason"]}))
+        if health.disabled and not was:
+            log.warning("endpoint %s disabled after %d permanent failures in a row: %s", name,
+                        health.consecutive_permanent, msg["reason"])
+            report = {"kind": "delivery", "outcome": "disabled", "delivery_id": msg["delivery_id"],
+                      "case_id": msg["case_id"], "dedup_key": msg["dedup_key"], "endpoint": name,
+                      "channel": msg["channel"], "consecutive_failures": health.consecutive_permanent,
+                      "reason": msg["reason"], "at": int(msg["at"] * 1000)}
+            topo.timers_topic.send_soon(key=routing_token(msg["dedup_key"]).encode(), value=orjson.dumps(report))
+
     def handle(event) -> None:
         msg = orjson.loads(event.value)
+        if msg["kind"] == "endpoint":
+            endpoint_outcome(event, msg)
+            return
         did = msg["delivery_id"]
         state = state_of(did)
         if msg["kind"] == "request":
@@ -132,22 +159,14 @@ def register(topo: Topology, tick: float = 0.5) -> None:
             breaker(name).record(outcome.kind == policy.DELIVERED, at)
             metrics.BREAKER_STATE.labels(tname, name).set(BREAKER_STATES.get(breaker(name).state, 0))
         metrics.DELIVERIES.labels(tname, channel, outcome.kind).inc()
-        newly_disabled = 0
-        if not msg.get("refused") or msg.get("count_failure", True):
-            rec = load(topo.deliveries, f"endpoint:{name}") or {"consecutive_permanent": 0}
-            health = policy.EndpointHealth(cfg.delivery.disable_after)
-            health.consecutive_permanent = rec.get("consecutive_permanent", 0)
-            health.disabled = bool(rec.get("disabled"))
-            was = health.disabled
-            health.record(outcome, at)
+        if outcome.kind != policy.RETRY and (not msg.get("refused") or msg.get("count_failure", True)):
+            # the endpoint's health lives under one key, so it is updated by a message keyed by the
+            # endpoint (one partition) rather than here, in the delivery's partition
             ep = endpoint_for(cfg, name)
-            if health.disabled and not was:
-                newly_disabled = health.consecutive_permanent
-                log.warning("endpoint %s disabled after %d permanent failures in a row: %s", name,
-                            newly_disabled, outcome.reason)
-            write_in_context(topo.deliveries, event, f"endpoint:{name}", orjson.dumps(
-                {"consecutive_permanent": health.consecutive_permanent, "disabled": health.disabled,
-                 "url": ep.url if ep else rec.get("url"), "reason": outcome.reason}))
+            topo.notifications_topic.send_soon(key=f"endpoint:{name}".encode(), value=orjson.dumps(
+                {"kind": "endpoint", "delivery_id": did, "endpoint": name, "channel": channel,
+                 "url": ep.url if ep else None, "outcome": outcome.kind, "reason": outcome.reason,
+                 "case_id": req["case_id"], "dedup_key": req["dedup_key"], "at": at}))
         final = None
         if outcome.kind == policy.DELIVERED:
             final = "delivered"
@@ -174,7 +193,7 @@ def register(topo: Topology, tick: float = 0.5) -> None:
         report = {"kind": "delivery", "outcome": final, "delivery_id": did, "case_id": req["case_id"],
                   "dedup_key": req["dedup_key"], "endpoint": name, "channel": channel, "attempts": attempts,
                   "status_code": msg.get("status"), "reason": outcome.reason,
-                  "permanent": outcome.kind == policy.PERMANENT, "disabled": newly_disabled,
+                  "permanent": outcome.kind == policy.PERMANENT,
                   "notification_id": req.get("notification_id"), "user_id": req.get("user_id"),
                   "at": int(at * 1000)}
         topo.timers_topic.send_soon(key=routing_token(req["dedup_key"]).encode(), value=orjson.dumps(report))

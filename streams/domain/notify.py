@@ -79,8 +79,9 @@ def outcome_intake(tenant: Tenant, outcome: dict) -> Intake:
 
 
 def decide_outcome(tenant: Tenant, outcome: dict, entry: dict | None) -> Decision:
-    """The timeline events of a delivery's final outcome (``delivered`` or
-    ``failed``, maybe with ``disabled``). Reported twice, it records once."""
+    """The timeline event of a delivery's final outcome (``delivered``,
+    ``failed``) or of the endpoint it disabled (``disabled``). Reported twice,
+    it records once."""
     intake = outcome_intake(tenant, outcome)
     if already_seen(entry, intake.event_id):
         return Decision(duplicate=True)
@@ -88,6 +89,11 @@ def decide_outcome(tenant: Tenant, outcome: dict, entry: dict | None) -> Decisio
     if case is None:
         return Decision(noop=True)  # the case is no longer in stream state (evicted): nothing to record on
     b = _Builder(tenant, intake, entry, case)
+    if outcome["outcome"] == "disabled":  # recorded on the case whose delivery tipped it
+        b.emit("EndpointDisabled", outcome["case_id"], actor=SYSTEM_ACTOR, endpoint=outcome["endpoint"],
+               channel=outcome["channel"], consecutive_failures=outcome["consecutive_failures"],
+               reason=outcome["reason"])
+        return b.decision()
     common = {"delivery_id": outcome["delivery_id"], "endpoint": outcome["endpoint"], "channel": outcome["channel"],
               "attempts": outcome["attempts"], "status_code": outcome.get("status_code"),
               "notification_id": outcome.get("notification_id"), "user_id": outcome.get("user_id")}
@@ -96,7 +102,4 @@ def decide_outcome(tenant: Tenant, outcome: dict, entry: dict | None) -> Decisio
     else:
         b.emit("NotificationFailed", outcome["case_id"], actor=SYSTEM_ACTOR, reason=outcome["reason"],
                permanent=bool(outcome.get("permanent")), **common)
-        if outcome.get("disabled"):
-            b.emit("EndpointDisabled", outcome["case_id"], actor=SYSTEM_ACTOR, endpoint=outcome["endpoint"],
-                   channel=outcome["channel"], consecutive_failures=outcome["disabled"], reason=outcome["reason"])
     return b.decision()

@@ -69,10 +69,13 @@ def test_outcomes_are_never_notified_and_recorded_once(tmp_path):
     req = reqs[0]
     outcome = {"kind": "delivery", "outcome": "failed", "delivery_id": req["delivery_id"], "case_id": req["case_id"],
                "dedup_key": "k", "endpoint": req["endpoint"], "channel": req["channel"], "attempts": 2,
-               "status_code": 410, "reason": "HTTP 410", "permanent": True, "disabled": 5, "at": T0 + 5000}
+               "status_code": 410, "reason": "HTTP 410", "permanent": True, "at": T0 + 5000}
     entry = mem.entries["k"]
     dec = notify.decide_outcome(OC, outcome, entry)
-    assert [e["type"] for e in dec.events] == ["NotificationFailed", "EndpointDisabled"]
+    assert [e["type"] for e in dec.events] == ["NotificationFailed"]
+    disabled = dict(outcome, outcome="disabled", consecutive_failures=5)
+    dis = notify.decide_outcome(OC, disabled, dec.entry)
+    assert [(e["type"], e["consecutive_failures"]) for e in dis.events] == [("EndpointDisabled", 5)]
     assert notify.deliveries(OC, cfg, dict(entry["cases"]), dec.events) == []
     remembered = domain.remember(dec.entry, notify.outcome_intake(OC, outcome).event_id, [])
     assert notify.decide_outcome(OC, outcome, remembered).duplicate
