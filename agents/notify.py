@@ -45,7 +45,7 @@ from agents.intake import dead_letter, write_in_context
 from streams import metrics, outbound
 from streams.app import Topology
 from streams.domain import delivery as policy
-from streams.domain.intake import NOTIFICATION_FAILED, Rejection, routing_token
+from streams.domain.intake import NOTIFICATION_FAILED, PROCESSING_ERROR, Rejection, routing_token
 from streams.domain.notify import endpoint_for
 from streams.domain.slack import slack_message
 from streams.domain.webhook import DELIVERY_ID_HEADER, webhook_body, webhook_headers
@@ -87,9 +87,14 @@ def register(topo: Topology, tick: float = 0.5) -> None:
             for event in events:
                 try:
                     handle(event)
-                except Exception:  # a bad record must not stop deliveries
-                    log.exception("notifications %s:%s@%s could not be handled", event.message.topic,
-                                  event.message.partition, event.message.offset)
+                except Exception as exc:  # a bad record must not stop deliveries: dead-letter it
+                    m = event.message
+                    log.exception("notifications %s:%s@%s could not be handled", m.topic, m.partition, m.offset)
+                    record = dead_letter(Rejection(PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:2000]),
+                                         m.topic, m.partition, m.offset, event.value)
+                    record["dead_lettered_at"] = int(time.time() * 1000)
+                    topo.dlq.send_soon(key=m.key, value=orjson.dumps(record))
+                    metrics.DLQ_MESSAGES.labels(tname, PROCESSING_ERROR).inc()
 
     def state_of(did: str) -> dict | None:
         """The pending delivery, else its final outcome, else None (never seen)."""

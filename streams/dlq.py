@@ -296,6 +296,8 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
             return _skip("the original is not a delivery request (not JSON)")
         if not isinstance(request, dict) or not isinstance(request.get("delivery_id"), str):
             return _skip("the original is not a delivery request (no 'delivery_id')")
+        if record.get("reason") != "notification_failed":  # a record the delivery agent could not handle
+            return Plan(publish=(Publish(NOTIFICATIONS, request["delivery_id"].encode(), raw),))
         retry = orjson.dumps(dict(request, kind="retry"))
         return Plan(publish=(Publish(NOTIFICATIONS, request["delivery_id"].encode(), retry),))
     # gateway:<kind>: what the gateway would have published had it not been rate limited

@@ -289,3 +289,9 @@ def test_a_failed_notification_is_replayed_as_a_retry_of_the_same_delivery():
     assert orjson.loads(p.value) == dict(request, kind="retry")
     skipped = dlq.plan(record("notification_failed", FAMILY.name("notifications"), b'{"no": "id"}'), OC, FAMILY)
     assert not skipped.publish and "delivery_id" in skipped.skip
+
+
+def test_a_notifications_record_that_failed_processing_is_replayed_unchanged():
+    raw = orjson.dumps({"kind": "request", "delivery_id": "d-2", "endpoint": "ops"})
+    p = only(dlq.plan(record("processing_error", FAMILY.name("notifications"), raw), OC, FAMILY))
+    assert (p.role, p.key, p.value) == ("notifications", b"d-2", raw)
