@@ -189,14 +189,18 @@ def register(topo: Topology) -> None:
             else:
                 send_dlq(key.encode() if key else None, value)
 
+    def domain_events_of(outputs: list, before_entry: dict | None) -> tuple[list, dict]:
+        """(index in outputs, event) of the domain events, and their cases' states before them."""
+        events = [(i, o[2]) for i, o in enumerate(outputs) if o[0] == DOMAIN]
+        cases = (before_entry or {}).get("cases", {})
+        return events, {e["case_id"]: cases.get(e["case_id"]) for _, e in events}
+
     def with_relay(cfg, before_entry: dict | None, outputs: list) -> list:
         """``outputs`` plus a RELAY output per (subscription, event) match, in event order."""
         subs = [s for s in cfg.subscriptions if s.id in topo.relay_ready]
         if not subs:
             return outputs
-        events = [(i, o[2]) for i, o in enumerate(outputs) if o[0] == DOMAIN]
-        cases = (before_entry or {}).get("cases", {})
-        before = {e["case_id"]: cases.get(e["case_id"]) for _, e in events}
+        events, before = domain_events_of(outputs, before_entry)
         index = {id(e): i for i, e in events}
         extra = [[RELAY, sub.id, {"format": sub.format, "ref": index[id(e)]}]
                  for sub, e in route_events(tenant, subs, before, [e for _, e in events])]
@@ -204,9 +208,7 @@ def register(topo: Topology) -> None:
 
     def with_deliveries(cfg, before_entry: dict | None, outputs: list) -> list:
         """``outputs`` plus a NOTIFY output per delivery the events ask for (webhooks, Slack)."""
-        events = [(i, o[2]) for i, o in enumerate(outputs) if o[0] == DOMAIN]
-        cases = (before_entry or {}).get("cases", {})
-        before = {e["case_id"]: cases.get(e["case_id"]) for _, e in events}
+        events, before = domain_events_of(outputs, before_entry)
         extra = []
         for r in notifying.deliveries(tenant, cfg, before, [e for _, e in events]):
             ref = events[r["event_index"]][0]  # the domain event's place in ``outputs``
