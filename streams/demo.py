@@ -222,19 +222,24 @@ async def _wait_indexed(settings: Settings, got: list, deadline: float) -> dict[
 
 
 def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) -> int:
-    from streams.cli import CliError, _port_of, print_table, send_lines
+    from streams.cli import CliError, print_table, send_lines
+    from streams.engines import EngineError, Engines, choose_profile
     from streams.kafka import create_topics
-    from streams.services import LocalServices, ServiceError
+    from streams.settings import load_settings
 
     say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
-    svc = LocalServices(settings.services_dir,
-                        kafka_port=_port_of(settings.kafka_bootstrap_servers, 9092),
-                        es_port=_port_of(settings.elasticsearch_url, 9200))
-    say(f"1/5 local services (kafka {svc.kafka}, elasticsearch {svc.elasticsearch}) ...")
+    engines = Engines(settings.data_dir)
     try:
-        svc.up()
-    except ServiceError as exc:
+        profile, why = choose_profile()
+        say(f"1/5 local engines: {'Apache Kafka, Elasticsearch' if profile == 'apache' else 'the noida-db stand-in'}"
+            f" and PostgreSQL ({profile}: {why}) ...")
+        engines.up(profile, busy_ok=True)
+    except EngineError as exc:
         raise CliError(str(exc)) from None
+    engine_env = engines.env()
+    settings = load_settings(dict(os.environ, **engine_env))
+    for row in engines.status():
+        say(f"    {row['service']}: {row['engine']} {row['version']} at {row['address']}")
     tenants = sorted(load_tenants(settings.tenants_file))
     families = {t: load_topics(t, settings.topics_file) for t in tenants}
     say("2/5 topics ...")
@@ -242,7 +247,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
     fresh = {r.name for r in results if r.created}
     for t, fam in families.items():
         if fam.name("intake") in fresh:
-            # Kafka was reset (the local stand-in keeps records in memory): the
+            # Kafka was reset (new engines, or the stand-in, which keeps records in memory): the
             # local table stores and the projections describe a log that no
             # longer exists; projections are functions of the log, so start over.
             if settings.store_dir(t).exists():
@@ -252,8 +257,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
     logs.mkdir(parents=True, exist_ok=True)
     say(f"3/5 one worker per tenant (logs in {logs}) ...")
     procs = []
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-               CASESTREAM_DATA_DIR=str(settings.data_dir))
+    env = dict(os.environ, **engine_env, CASESTREAM_DATA_DIR=str(settings.data_dir))
     for i, t in enumerate(tenants):
         log = open(logs / f"worker-{t}.log", "ab")
         procs.append(subprocess.Popen(
@@ -321,5 +325,6 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
             except subprocess.TimeoutExpired:
                 p.kill()
         if not follow:
-            say("Workers stopped; services still up ('casestream services down' stops them). "
-                "Run a worker yourself: casestream worker --tenant on-call")
+            say("Workers stopped; engines still up ('casestream services down' stops them). "
+                "Point a shell at them: eval \"$(casestream services status --env)\"; "
+                "then run a worker yourself: casestream worker --tenant on-call")

@@ -1,9 +1,15 @@
 """Integration fixtures: real servers over real sockets.
 
-By default a session fixture starts the local Kafka + Elasticsearch
-(noida-db) on free ports. Set CASESTREAM_TEST_EXTERNAL=1 to run against the
-servers named by KAFKA_BOOTSTRAP_SERVERS / ELASTICSEARCH_URL instead (e.g.
-docker-compose's real Kafka).
+A session fixture starts the project's own engines on free ports in a
+temporary data directory (``streams.engines``): Apache Kafka and
+Elasticsearch where a JDK 17+ and Maven are present, else the noida-db
+stand-in (``CASESTREAM_ENGINES=apache|standin`` chooses; in CI the real
+ones are required), and PostgreSQL. A test that needs a broker of its own
+(``fresh_stack``: killing workers, killing the broker) gets a fresh Kafka,
+and shares Elasticsearch and PostgreSQL under names of its own. Set
+CASESTREAM_TEST_EXTERNAL=1 to run against the servers named by
+KAFKA_BOOTSTRAP_SERVERS / ELASTICSEARCH_URL / POSTGRES_DSN instead (e.g.
+docker-compose's); tests that need their own broker are skipped then.
 
 Workers run as real subprocesses (``python -m streams.cli worker``); tests
 publish with aiokafka and read the decoded outputs, polling with deadlines.
@@ -13,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +36,7 @@ from streams.kafka import stop_consumer
 import schemas
 from streams.config import PROJECT_ROOT, load_tenants, load_topics
 from streams.kafka import create_topics
-from streams.services import LocalServices, free_port
+from streams.engines import Engines, choose_profile, free_port
 
 DEADLINE = float(os.environ.get("CASESTREAM_TEST_DEADLINE", "90"))
 
@@ -91,13 +99,27 @@ class Stack:
     kafka: str
     elasticsearch: str
     base_dir: Path
+    postgres_dsn: str
     workers: list[Worker] = field(default_factory=list)
-    services: LocalServices | None = None
+    engines: list = field(default_factory=list)  # the Engines sets serving this stack (own first)
+    profile: str = "external"
     db_prefix: str = field(default_factory=lambda: f"cstest_{uuid.uuid4().hex[:8]}_")
 
-    @property
-    def postgres_dsn(self) -> str:
-        return os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    def _engines_of(self, service: str) -> Engines:
+        for e in self.engines:
+            if any(service in r.engine.services for r in e.running().values()):
+                return e
+        pytest.skip(f"{service} is not one of this test run's own engines")
+
+    def stop_engine(self, service: str, sig: int | None = None) -> None:
+        """Stop the engine serving ``service`` (``signal.SIGKILL``: crash it)."""
+        e = self._engines_of(service)
+        e.stop(next(n for n, r in e.running().items() if service in r.engine.services), sig=sig)
+
+    def start_engine(self, service: str) -> None:
+        """Start it again, on its ports, with its data; returns when it answers."""
+        e = self._engines_of(service)
+        e.start(next(n for n, r in e.running().items() if service in r.engine.services))
 
     @property
     def index_prefix(self) -> str:
@@ -298,54 +320,100 @@ class Stack:
             await stop_consumer(consumer)
 
 
-def _start_stack(base: Path) -> tuple[Stack, subprocess.Popen | None]:
+@dataclass
+class EngineSet:
+    profile: str
+    env: dict
+    engines: Engines | None
+    root: Path | None
+
+
+def pytest_report_header(config):
     if os.environ.get("CASESTREAM_TEST_EXTERNAL") == "1":
-        stack = Stack(os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["ELASTICSEARCH_URL"], base)
-        stack.create_topics()
-        return stack, None
-    svc = LocalServices(base / "services", kafka_port=free_port(), es_port=free_port())
-    proc = svc.start_foreground(base / "services.log")
-    svc.wait(timeout=60)
-    stack = Stack(svc.kafka, svc.elasticsearch, base)
-    stack.services = svc
+        return "engines: external (KAFKA_BOOTSTRAP_SERVERS, ELASTICSEARCH_URL, POSTGRES_DSN)"
+    try:
+        profile, why = choose_profile()
+    except Exception as exc:  # reported again, as an error, by the fixture
+        return f"engines: none ({exc})"
+    return f"engines: {profile} ({why})"
+
+
+def _engine_root(prefix: str) -> Path:
+    """A directory PostgreSQL and Elasticsearch can use even when they run as
+    an unprivileged account (pytest's own temporary directories are root-only)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine_set():
+    """The engines of this test run (started once)."""
+    if os.environ.get("CASESTREAM_TEST_EXTERNAL") == "1":
+        yield EngineSet("external", {k: os.environ[k] for k in
+                                      ("KAFKA_BOOTSTRAP_SERVERS", "ELASTICSEARCH_URL", "POSTGRES_DSN")}, None, None)
+        return
+    profile, _ = choose_profile()
+    root = _engine_root("casestream-test-engines-")
+    engines = Engines(root)
+    try:
+        engines.up(profile, {"kafka": 0, "elasticsearch": 0, "postgres": 0})
+        yield EngineSet(profile, engines.env(), engines, root)
+    finally:
+        engines.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_stack(base: Path, es: EngineSet, *, own_kafka: bool) -> tuple[Stack, Engines | None, Path | None]:
+    env = dict(es.env)
+    own = root = None
+    if own_kafka:
+        if es.engines is None:
+            pytest.skip("needs a broker of its own (not with CASESTREAM_TEST_EXTERNAL=1)")
+        root = _engine_root("casestream-test-kafka-")
+        own = Engines(root)
+        own.up(es.profile, {"kafka": 0, "elasticsearch": 0}, only=("kafka",))
+        env.update(own.env())
+    stack = Stack(env["KAFKA_BOOTSTRAP_SERVERS"], env["ELASTICSEARCH_URL"], base, env["POSTGRES_DSN"],
+                  engines=[e for e in (own, es.engines) if e is not None], profile=es.profile)
     stack.create_topics()
-    return stack, proc
+    return stack, own, root
 
 
-def _stop_stack(stack: Stack, proc: subprocess.Popen | None) -> None:
+def _stop_stack(stack: Stack, own: Engines | None, root: Path | None) -> None:
     for w in stack.workers:
         w.stop()
-    stack.drop_databases()
+    try:
+        stack.drop_databases()
+    except OSError:
+        pass
     for t in load_tenants():
         try:
             stack.es_drop(stack.index(t))
         except OSError:
             pass
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    if own is not None:
+        own.down()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
-    """Local services on free ports, topics, and one worker per tenant."""
+def stack(engine_set, tmp_path_factory):
+    """The session's engines, topics, and one worker per tenant."""
     base = tmp_path_factory.mktemp("stack")
-    s, proc = _start_stack(base)
+    s, own, root = _start_stack(base, engine_set, own_kafka=False)
     s.oncall = s.worker("on-call")
     s.cm = s.worker("case-management")
     yield s
-    _stop_stack(s, proc)
+    _stop_stack(s, own, root)
 
 
 @pytest.fixture
-def fresh_stack(tmp_path):
-    """A stack of its own (services + topics, no workers) for tests that kill workers."""
-    s, proc = _start_stack(tmp_path)
+def fresh_stack(engine_set, tmp_path):
+    """A stack of its own (a fresh Kafka, topics, no workers) for tests that kill workers or the broker."""
+    s, own, root = _start_stack(tmp_path, engine_set, own_kafka=True)
     yield s
-    _stop_stack(s, proc)
+    _stop_stack(s, own, root)
 
 
 @pytest.fixture

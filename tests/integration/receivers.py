@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from streams.services import free_port
+from streams.engines import free_port
 
 
 @dataclass

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from streams.config import PROJECT_ROOT
-from streams.services import free_port
+from streams.engines import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from sinks.elasticsearch import MAPPING, ElasticsearchSink, document
 from streams.config import get_tenant
 from streams.domain.cases import replay
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 
 def test_cases_become_documents(stack, run_id):

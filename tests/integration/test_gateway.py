@@ -19,7 +19,7 @@ import pytest
 from streams.config import PROJECT_ROOT
 from streams.domain.auth import sign
 from streams.integrations import IntegrationStore
-from streams.services import free_port
+from streams.engines import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 
 from streams.config import PROJECT_ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 STATUSES = {
     "on-call": ("TRIGGERED", "ACKNOWLEDGED", "RESOLVED", "PG-"),

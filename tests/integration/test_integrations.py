@@ -39,8 +39,8 @@ class FakeClock:
 
 
 class Env:
-    def __init__(self) -> None:
-        self.dsn = os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
         self.prefix = f"cstest_{uuid.uuid4().hex[:8]}_"
         self.tenants = load_tenants()
 
@@ -68,8 +68,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def pg():
-    env = Env()
+def pg(engine_set):
+    env = Env(engine_set.env["POSTGRES_DSN"])
     yield env
     env.drop()
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from streams.domain.auth import verify_signature
-from streams.services import free_port
+from streams.engines import free_port
 from tests.integration.receivers import Receiver
 from tests.integration.test_paging_e2e import Pager, _metric
 

@@ -142,18 +142,18 @@ def _metric(port: int, name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def pagers(tmp_path_factory):
+def pagers(engine_set, tmp_path_factory):
     from tests.integration.conftest import _start_stack, _stop_stack
 
     base = tmp_path_factory.mktemp("oncall")
-    stack, proc = _start_stack(base)
+    stack, own, root = _start_stack(base, engine_set, own_kafka=True)
     start = (int(time.time() * 1000) // MIN) * MIN
     pg = Pager(stack, "on-call", ONCALL, base, start)
     cm = Pager(stack, "case-management", CASES, base, start)
     pg.start()
     cm.start()
     yield pg, cm
-    _stop_stack(stack, proc)
+    _stop_stack(stack, own, root)
 
 
 def test_full_escalation_ack_and_ack_timeout(pagers, run_id):

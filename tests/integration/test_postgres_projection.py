@@ -18,7 +18,7 @@ from streams.domain.cases import ONCALL_DEFAULTS, replay
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 
 def test_alerts_and_commands_end_as_rows_and_timeline(stack, run_id):

@@ -64,7 +64,7 @@ def test_elasticsearch_down_then_back_catches_up(fresh_stack, run_id):
                         for k in keys])
     _, latest = _expected(stack, tenant, run_id, len(keys))
     stack.poll(lambda: _indexed(stack, tenant, latest), lambda got: got == latest, what="the first documents")
-    stack.services.stop_service("elasticsearch")
+    stack.stop_engine("elasticsearch")
     try:
         stack.send(tenant, [{"event_id": f"{run_id}-1-{k}", "action": "trigger", "dedup_key": k, "summary": "x"}
                             for k in keys])
@@ -72,7 +72,7 @@ def test_elasticsearch_down_then_back_catches_up(fresh_stack, run_id):
         # intake and the PostgreSQL projection go on while the index is unreachable
         stack.poll(lambda: _projected(stack, tenant, latest), lambda got: got == latest, what="PostgreSQL")
     finally:
-        stack.services.start_service("elasticsearch")
+        stack.start_engine("elasticsearch")
     stack.poll(lambda: _indexed(stack, tenant, latest), lambda got: got == latest, deadline=120,
                what="the index to catch up")
     docs = stack.es("POST", f"/{stack.index(tenant)}/_mget", {"ids": sorted(latest)})["docs"]
