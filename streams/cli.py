@@ -99,7 +99,7 @@ def cmd_services(args, settings: Settings) -> int:
             print(f"export {exports}")
     else:
         print_table(rows, ["service", "engine", "version", "address", "pid", "state", "data_dir"])
-        if exports and args.action != "down":
+        if exports and rows and all(r["state"] == "ready" for r in rows):
             print(f"\nexport {exports}")
     if args.action in ("up", "status") and (not rows or any(r["state"] != "ready" for r in rows)):
         return EXIT_FAIL

@@ -115,12 +115,13 @@ class Engines:
 
     def running(self) -> dict[str, Running]:
         state = self._load()
-        kinds = {k.name: k for k in PROFILES.get(state.get("profile") or "", ())}
+        recs = state.get("engines", {})
         out = {}
-        for name, rec in state.get("engines", {}).items():
-            if name in kinds:
-                eng = kinds[name](self.dir / name, rec["ports"], rec.get("version"))
-                out[name] = Running(eng, rec.get("pid"), rec.get("started"))
+        for kind in PROFILES.get(state.get("profile") or "", ()):  # in the profile's order
+            rec = recs.get(kind.name)
+            if rec is not None:
+                eng = kind(self.dir / kind.name, rec["ports"], rec.get("version"))
+                out[kind.name] = Running(eng, rec.get("pid"), rec.get("started"))
         return out
 
     # -- up / down -------------------------------------------------------------
@@ -140,9 +141,12 @@ class Engines:
         if state.get("profile") not in (None, profile) and any(r.alive for r in running.values()):
             raise EngineError(f"the {state['profile']} engines run in {self.dir}; stop them first "
                               f"('casestream services down') or use another CASESTREAM_DATA_DIR")
-        if state.get("profile") != profile:
-            state = {"profile": profile, "engines": {}}
-            running = {}
+        if state.get("profile") != profile:  # keep what both profiles run (PostgreSQL: its port, its data)
+            names = {k.name for k in PROFILES[profile]}
+            kept = {n: rec for n, rec in state.get("engines", {}).items() if n in names}
+            state = {"profile": profile, "engines": kept}
+            self._save(state)
+            running = self.running()
         defaults = env_ports or default_ports()
         started: list[Running] = []
         for kind in PROFILES[profile]:

@@ -338,6 +338,19 @@ def pytest_report_header(config):
     return f"engines: {profile} ({why})"
 
 
+def pytest_collection_finish(session):
+    """Fail at once, with one line, when integration tests were collected and
+    no engines can run them (in CI: the real engines are required)."""
+    if os.environ.get("CASESTREAM_TEST_EXTERNAL") == "1":
+        return
+    if not any(item.get_closest_marker("integration") for item in session.items):
+        return
+    try:
+        choose_profile()
+    except Exception as exc:
+        pytest.exit(f"no engines for the integration tests: {exc}", returncode=1)
+
+
 def _engine_root(prefix: str) -> Path:
     """A directory PostgreSQL and Elasticsearch can use even when they run as
     an unprivileged account (pytest's own temporary directories are root-only)."""
