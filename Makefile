@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test test-standin unit integration bench bench-projections services-up services-down clean
+.PHONY: install run test test-standin unit integration bench bench-projections bench-gateway bench-idle services-up services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,11 +34,23 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
+# benchmarks start their own engines in a temporary directory:
+# ENGINES=apache|standin (default: CASESTREAM_ENGINES, else apache where a JDK 17+ and Maven are present)
+BENCH_ENGINES = $(if $(ENGINES),--engines $(ENGINES))
+BOTH_ENGINES  = apache,standin
+
 bench: $(STAMP)
-	$(BIN)/python bench/intake_bench.py
+	$(BIN)/python bench/intake_bench.py $(BENCH_ENGINES)
 
 bench-projections: $(STAMP)
-	$(BIN)/python bench/projections_bench.py
+	$(BIN)/python bench/projections_bench.py $(BENCH_ENGINES)
+
+bench-gateway: $(STAMP)
+	$(BIN)/python bench/gateway_bench.py $(BENCH_ENGINES)
+
+# idle CPU of a worker per tenant, tail and api (on both profiles unless ENGINES is given)
+bench-idle: $(STAMP)
+	$(BIN)/python bench/idle_cpu.py --engines $(or $(ENGINES),$(BOTH_ENGINES))
 
 services-up: $(STAMP)
 	$(BIN)/casestream services up

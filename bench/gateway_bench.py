@@ -1,8 +1,9 @@
 """Benchmark: the intake gateway alone (HTTP in, Kafka acks=all out).
 
-    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--clients 16] [--batch 50]
+    .venv/bin/python bench/gateway_bench.py [--seconds 10] [--clients 16] [--batch 50] [--engines apache|standin]
 
-Starts the local Kafka stand-in on free ports, a throw-away integration in
+Starts Kafka (``streams.engines``: Apache Kafka, or the noida-db stand-in) and
+PostgreSQL on free ports in a temporary directory, a throw-away integration in
 PostgreSQL, and one `casestream api --routes intake` process; then keep-alive
 clients post for a fixed time, first one canonical event per request
 (`/v1/integrations/<key>/events`), then `--batch` events per request, then
@@ -18,7 +19,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streams.config import load_tenants, load_topics  # noqa: E402
+from bench_engines import add_engines_arg, running_engines, stop  # noqa: E402
 
 TENANT = "on-call"
 
@@ -77,22 +78,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--batch", type=int, default=50)
+    add_engines_arg(ap)
     args = ap.parse_args()
+    with running_engines(args.engines, only=("kafka", "postgres")) as engines_env:
+        run_bench(args, engines_env["KAFKA_BOOTSTRAP_SERVERS"], engines_env["POSTGRES_DSN"])
 
+
+def run_bench(args, kafka: str, dsn: str) -> None:
+    from streams.engines import free_port
     from streams.integrations import IntegrationStore
     from streams.kafka import create_topics
-    from streams.services import LocalServices, free_port
-    from streams.settings import load_settings
 
     base_dir = Path(tempfile.mkdtemp(prefix="casestream-gwbench-"))
-    svc = LocalServices(base_dir / "services", kafka_port=free_port(), es_port=free_port())
-    noida = svc.start_foreground(base_dir / "services.log")
     prefix = f"csbench_{uuid.uuid4().hex[:8]}_"
-    dsn = load_settings().postgres_dsn
     gateway = None
     try:
-        svc.wait(60)
-        asyncio.run(create_topics(svc.kafka, [load_topics(t) for t in load_tenants()]))
+        asyncio.run(create_topics(kafka, [load_topics(t) for t in load_tenants()]))
 
         async def make():
             store = IntegrationStore(dsn, prefix, [TENANT])
@@ -104,7 +105,7 @@ def main() -> None:
 
         key, am_key = asyncio.run(make())
         port = free_port()
-        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, CASESTREAM_DB_PREFIX=prefix,
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka, POSTGRES_DSN=dsn, CASESTREAM_DB_PREFIX=prefix,
                    CASESTREAM_RATE_PER_INTEGRATION="1000000/1000000", CASESTREAM_RATE_PER_TENANT="1000000/1000000")
         gateway = subprocess.Popen([sys.executable, "-m", "streams.cli", "api", "--routes", "intake",
                                     "--port", str(port)], env=env, cwd=str(ROOT),
@@ -146,11 +147,7 @@ def main() -> None:
             r = asyncio.run(_load(url, p, make, per, args.clients, args.seconds))
             print(f"{name} ({args.clients} keep-alive clients, {args.seconds:g} s): {r}")
     finally:
-        if gateway and gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(30)
-        os.killpg(noida.pid, signal.SIGTERM)
-        noida.wait(20)
+        stop(gateway)
 
         async def drop():
             import asyncpg

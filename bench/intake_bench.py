@@ -1,9 +1,10 @@
 """Intake throughput: the pure domain in-process, and the whole worker end to end.
 
-    .venv/bin/python bench/intake_bench.py [--messages 20000] [--keys 2000]
+    .venv/bin/python bench/intake_bench.py [--messages 20000] [--keys 2000] [--engines apache|standin]
 
 1. domain: parse + decide + remember per message, no I/O (one core).
-2. end to end: local Kafka (noida-db) on free ports, topics, one on-call
+2. end to end: Kafka (``streams.engines``: Apache Kafka, or the noida-db
+   stand-in) on free ports in a temporary directory, topics, one on-call
    worker subprocess (projections off: intake only); N intake messages are published up front, and the
    clock runs from the first publish until the last expected domain event
    has been read back (route -> apply -> Avro out, changelog writes included).
@@ -16,7 +17,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,7 @@ from streams.config import get_tenant, load_tenants, load_topics  # noqa: E402
 from streams.domain import cases as domain  # noqa: E402
 from streams.domain.intake import parse  # noqa: E402
 from streams.kafka import end_offsets  # noqa: E402
+from bench_engines import add_engines_arg, running_engines, stop  # noqa: E402
 
 
 def feed(n: int, keys: int) -> list[bytes]:
@@ -100,20 +101,21 @@ async def _count(bootstrap: str, topic: str, want: int, deadline: float) -> int:
     return total
 
 
-def bench_end_to_end(lines: list[bytes], expected_events: int, oncall_dir: Path) -> dict:
+def bench_end_to_end(lines: list[bytes], expected_events: int, oncall_dir: Path, profile: str | None) -> dict:
+    with running_engines(profile, only=("kafka",)) as engines_env:
+        return _end_to_end(engines_env["KAFKA_BOOTSTRAP_SERVERS"], lines, expected_events, oncall_dir)
+
+
+def _end_to_end(kafka: str, lines: list[bytes], expected_events: int, oncall_dir: Path) -> dict:
     from streams.kafka import create_topics
-    from streams.services import LocalServices, free_port
 
     base = Path(tempfile.mkdtemp(prefix="casestream-bench-"))
-    svc = LocalServices(base / "services", kafka_port=free_port(), es_port=free_port())
-    noida = svc.start_foreground(base / "services.log")
     worker = None
     try:
-        svc.wait(60)
-        asyncio.run(create_topics(svc.kafka, [load_topics(t) for t in load_tenants()]))
+        asyncio.run(create_topics(kafka, [load_topics(t) for t in load_tenants()]))
         fam = load_topics("on-call")
         # intake only: projections off (they have their own benchmark in the projections issue)
-        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, CASESTREAM_DATA_DIR=str(base / "data"),
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka, CASESTREAM_DATA_DIR=str(base / "data"),
                    CASESTREAM_PROJECTIONS="", CASESTREAM_ONCALL_DIR=str(oncall_dir))
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--tenant", "on-call",
                                    "--loglevel", "warning"], env=env, cwd=str(ROOT),
@@ -121,22 +123,18 @@ def bench_end_to_end(lines: list[bytes], expected_events: int, oncall_dir: Path)
         # warm up: the worker has joined and recovered once one event went through
         warm = [orjson.dumps({"event_id": "warm", "action": "trigger", "dedup_key": "warm", "summary": "warm"})]
         n_warm = _events_of(warm, oncall_dir)
-        asyncio.run(_produce(svc.kafka, fam.name("intake"), warm))
-        asyncio.run(_count(svc.kafka, fam.name("domain-events"), n_warm, time.monotonic() + 120))
+        asyncio.run(_produce(kafka, fam.name("intake"), warm))
+        asyncio.run(_count(kafka, fam.name("domain-events"), n_warm, time.monotonic() + 120))
         t0 = time.perf_counter()
-        asyncio.run(_produce(svc.kafka, fam.name("intake"), lines))
+        asyncio.run(_produce(kafka, fam.name("intake"), lines))
         t_sent = time.perf_counter() - t0
-        got = asyncio.run(_count(svc.kafka, fam.name("domain-events"), expected_events + n_warm,
+        got = asyncio.run(_count(kafka, fam.name("domain-events"), expected_events + n_warm,
                                  time.monotonic() + 600))
         elapsed = time.perf_counter() - t0
         return {"messages": len(lines), "domain_events": got - n_warm, "publish_s": round(t_sent, 2),
                 "elapsed_s": round(elapsed, 2), "msgs_per_s": round(len(lines) / elapsed)}
     finally:
-        if worker and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(30)
-        os.killpg(noida.pid, signal.SIGTERM)
-        noida.wait(20)
+        stop(worker)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -147,6 +145,7 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--no-oncall", action="store_true",
                     help="without the on-call config (no paging): the foundation's figures")
+    add_engines_arg(ap)
     args = ap.parse_args()
     oncall_dir = Path(tempfile.mkdtemp(prefix="no-oncall-")) if args.no_oncall else ROOT / "oncall"
     lines = feed(args.messages, args.keys)
@@ -154,7 +153,7 @@ def main() -> None:
     print(f"domain (parse+decide+remember, in-process, on-call config {'off' if args.no_oncall else 'on'}): "
           f"{rate:,.0f} msgs/s; {events} domain events")
     if not args.skip_e2e:
-        r = bench_end_to_end(lines, events, oncall_dir)
+        r = bench_end_to_end(lines, events, oncall_dir, args.engines)
         print(f"end to end (1 on-call worker, local Kafka): {r}")
 
 

@@ -1,9 +1,11 @@
 """Intake -> domain events -> Elasticsearch + PostgreSQL, end to end, with reference ceilings.
 
     .venv/bin/python bench/projections_bench.py [--events 200000] [--rate 1000] [--rate-seconds 20]
+        [--engines apache|standin]
 
-On local services started on free ports (noida-db for Kafka + Elasticsearch,
-the machine's PostgreSQL with throw-away databases), one on-call worker:
+On the engines (``streams.engines``: Apache Kafka + Elasticsearch, or the
+noida-db stand-in for both; PostgreSQL either way) started on free ports in a
+temporary directory, with throw-away databases, one on-call worker:
 
 1. throughput: N intake events published up front (70 % repeats of 5 000
    open keys, 20 % new keys, 10 % acknowledge/resolve); the clock stops when
@@ -23,7 +25,6 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 
@@ -42,7 +44,7 @@ from streams.domain import cases as domain  # noqa: E402
 from streams.domain.intake import make_case_id, parse  # noqa: E402
 from streams.kafka import create_topics, stop_consumer  # noqa: E402
 from streams.query import percentiles  # noqa: E402
-from streams.services import LocalServices, free_port  # noqa: E402
+from bench_engines import add_engines_arg, running_engines, stop  # noqa: E402
 
 TENANT = "on-call"
 
@@ -139,7 +141,12 @@ async def es_done(es, index: str, latest: dict[str, int]) -> int:
 async def bare_aiokafka(bootstrap: str, n: int) -> float:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+    from streams.config import TopicFamily, TopicSpec
+
     src, dst = f"bench-src-{uuid.uuid4().hex[:6]}", f"bench-dst-{uuid.uuid4().hex[:6]}"
+    # created here: Apache Kafka (auto.create.topics.enable=false) does not create them on first use
+    await create_topics(bootstrap, [TopicFamily("bench", "bench", 8, 1, {
+        "src": TopicSpec("src", src, 8, 1), "dst": TopicSpec("dst", dst, 8, 1)}, ())])
     await produce(bootstrap, src, [orjson.dumps({"dedup_key": str(i), "v": i}) for i in range(n)])
     c = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
@@ -210,20 +217,23 @@ def main() -> None:
     ap.add_argument("--ceiling-events", type=int, default=50_000)
     ap.add_argument("--split", action="store_true",
                     help="run intake and projections as two worker processes (--role) instead of one")
+    add_engines_arg(ap)
     args = ap.parse_args()
+    with running_engines(args.engines) as engines_env:
+        svc = SimpleNamespace(kafka=engines_env["KAFKA_BOOTSTRAP_SERVERS"],
+                              elasticsearch=engines_env["ELASTICSEARCH_URL"])
+        run_bench(args, svc, engines_env["POSTGRES_DSN"])
 
+
+def run_bench(args, svc: SimpleNamespace, dsn: str) -> None:
     base = Path(tempfile.mkdtemp(prefix="casestream-bench-"))
-    svc = LocalServices(base / "services", kafka_port=free_port(), es_port=free_port())
-    noida = svc.start_foreground(base / "services.log")
     prefix = f"csbench_{uuid.uuid4().hex[:6]}_"
-    dsn = os.environ.get("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=svc.kafka, ELASTICSEARCH_URL=svc.elasticsearch,
                POSTGRES_DSN=dsn, CASESTREAM_DATA_DIR=str(base / "data"), CASESTREAM_DB_PREFIX=prefix,
                CASESTREAM_INDEX_PREFIX=prefix)
     worker = None
     extra = None
     try:
-        svc.wait(60)
         asyncio.run(create_topics(svc.kafka, [load_topics(t) for t in load_tenants()]))
         fam = load_topics(TENANT)
         roles = ["intake", "projections"] if args.split else ["all"]
@@ -252,11 +262,7 @@ def main() -> None:
               f"no-op Faust agent {noop:,.0f} msg/s (pipeline = {e2e / noop:.1%})", flush=True)
     finally:
         for proc in filter(None, (worker, extra)):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
-        os.killpg(noida.pid, signal.SIGTERM)
-        noida.wait(20)
+            stop(proc)
         asyncio.run(_drop(dsn, prefix))
         shutil.rmtree(base, ignore_errors=True)
 
