@@ -17,6 +17,7 @@ unknown case -> 404.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,8 +27,12 @@ from aiohttp import web
 from sinks.elasticsearch import index_name
 from sinks.postgres import database_name, read_case, read_timeline
 from streams.config import load_tenants
-from streams.query import ParamError, build_analytics, build_search, percentiles, shape_search
+from streams.query import (Analytics, ParamError, build_analytics, build_search, percentiles, shape_percentiles,
+                           shape_search)
+from streams.metrics import ANALYTICS_PERCENTILES
 from streams.settings import Settings
+
+log = logging.getLogger("casestream.api")
 
 
 class NotFound(Exception):
@@ -43,6 +48,8 @@ class QueryService:
         self._es = None
         self._pools: dict[str, object] = {}
         self._lock = asyncio.Lock()
+        # does the server have the percentiles aggregation? None: not asked yet (remembered per process)
+        self.server_percentiles: bool | None = None
 
     def tenant(self, name: str):
         if name not in self.tenants:
@@ -103,28 +110,64 @@ class QueryService:
 
     async def analytics(self, tenant: str, params: dict[str, list[str]]) -> dict:
         self.tenant(tenant)
-        a = build_analytics(params)
-        resp = await self._search(tenant, a.body)
+        resp, a = await self._analytics_search(tenant, params)
         buckets = []
+        server_pct = _asks_percentiles(a)
         for b in (resp or {}).get("aggregations", {}).get("buckets", {}).get("buckets", []):
             row = {"start": b["key"], "count": b["doc_count"]}
             if a.metric != "count":
                 row["mean_seconds"] = (b.get("mean") or {}).get("value")
+                if server_pct:
+                    row["percentiles_seconds"] = shape_percentiles(b.get("pct"))
             if a.group_by:
                 row["groups"] = [{"value": g["key"], "count": g["doc_count"],
-                                  **({"mean_seconds": (g.get("mean") or {}).get("value")} if a.metric != "count" else {})}
+                                  **({"mean_seconds": (g.get("mean") or {}).get("value")} if a.metric != "count" else {}),
+                                  **({"percentiles_seconds": shape_percentiles(g.get("pct"))}
+                                     if a.metric != "count" and server_pct else {})}
                                  for g in b["groups"]["buckets"]]
             buckets.append(row)
         if a.metric != "count" and resp is not None:
-            await self._add_percentiles(tenant, a, buckets)
+            if not server_pct:
+                await self._add_percentiles(tenant, a, buckets)
+            ANALYTICS_PERCENTILES.labels(tenant, "aggregation" if server_pct else "values").inc()
         return {"metric": a.metric, "interval": a.interval, "group_by": a.group_by, "buckets": buckets}
 
-    async def _add_percentiles(self, tenant: str, a, buckets: list[dict]) -> None:
-        """Percentiles per bucket (and group), computed from the values themselves.
+    async def _analytics_search(self, tenant: str, params: dict[str, list[str]]) -> tuple[dict | None, Analytics]:
+        """The analytics search, with the ``percentiles`` aggregation unless the
+        server is known to lack it. A server that answers the aggregation with
+        an error naming it (Elasticsearch's "Unknown aggregation type
+        [percentiles]") lacks it: that is remembered for this process, and the
+        search is made again without it."""
+        from elasticsearch import BadRequestError
 
-        The percentiles aggregation is not available on every server (the
-        local stand-in lacks it), and nearest-rank from the raw values is
-        exact, so the values are paged out with search_after.
+        a = build_analytics(params, with_percentiles=self.server_percentiles is not False)
+        try:
+            resp = await self._search(tenant, a.body)
+        except BadRequestError as exc:
+            if not _asks_percentiles(a) or not _names_percentiles(exc):
+                raise
+            log.warning("the search server has no percentiles aggregation (%s); analytics computes "
+                        "percentiles from the values", _es_reason(exc))
+            self.server_percentiles = False
+            a = build_analytics(params, with_percentiles=False)
+            return await self._search(tenant, a.body), a
+        if _asks_percentiles(a) and resp is not None:
+            self.server_percentiles = True
+        return resp, a
+
+    async def _add_percentiles(self, tenant: str, a, buckets: list[dict]) -> None:
+        """Percentiles per bucket (and group) computed from the values, for a
+        server without the ``percentiles`` aggregation.
+
+        What the API promises either way: pN is the value at rank
+        ``N/100 * (n - 1)`` of the bucket's n sorted values (0-based),
+        interpolated linearly between the two closest ranks (numpy's default;
+        :func:`streams.query.percentiles`). Elasticsearch's aggregation
+        computes exactly that for a bucket of fewer than 2 000 values (it
+        keeps them all) and estimates it above (TDigest, compression 100:
+        typically within a fraction of a percent of the value range); this
+        fallback pages every value out with search_after and is exact for
+        any count, at the cost of reading every matching document.
         """
         field = "time_to_acknowledge_seconds" if a.metric == "mtta" else "time_to_resolve_seconds"
         step = 3_600_000 if a.interval == "hour" else 86_400_000
@@ -153,6 +196,22 @@ class QueryService:
             await self._es.close()
         for pool in self._pools.values():
             await pool.close()
+
+
+def _asks_percentiles(a: Analytics) -> bool:
+    return "pct" in a.body["aggs"]["buckets"]["aggs"]
+
+
+def _names_percentiles(exc) -> bool:
+    """A 400 whose error names the percentiles aggregation (the only thing
+    called that in the request): the server does not know it."""
+    return "percentiles" in orjson.dumps(getattr(exc, "body", None) or str(exc)).decode().lower()
+
+
+def _es_reason(exc) -> str:
+    body = getattr(exc, "body", None)
+    err = body.get("error") if isinstance(body, dict) else None
+    return str(err.get("reason") if isinstance(err, dict) else err or exc)[:200]
 
 
 def _json(data, status: int = 200) -> web.Response:

@@ -247,9 +247,10 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
     fresh = {r.name for r in results if r.created}
     for t, fam in families.items():
         if fam.name("intake") in fresh:
-            # Kafka was reset (new engines, or the stand-in, which keeps records in memory): the
-            # local table stores and the projections describe a log that no
-            # longer exists; projections are functions of the log, so start over.
+            # a log that is new (Apache Kafka keeps its topics across 'services down/up', so: new
+            # engines or data directory, a recreated container, another cluster; the stand-in keeps
+            # records in memory, so after every restart): the local table stores and the projections
+            # describe a log that no longer exists; projections are functions of the log, so start over.
             if settings.store_dir(t).exists():
                 shutil.rmtree(settings.store_dir(t))
             asyncio.run(_reset_projections(settings, t))

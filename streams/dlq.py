@@ -339,8 +339,9 @@ async def _consumer(bootstrap: str, topic: str):
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
+        from streams.kafka import topic_partitions
+
+        parts = await topic_partitions(consumer._client, topic)
         if not parts:
             raise RuntimeError(f"topic {topic} does not exist; run 'casestream topics create'")
     except BaseException:

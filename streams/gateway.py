@@ -102,8 +102,10 @@ class Publisher:
     async def ready(self) -> bool:
         try:
             producer = await self._get()
-            await asyncio.wait_for(producer.client.force_metadata_update(), self.timeout)
-            return bool(producer.client.cluster.brokers())
+            # a metadata round trip now: the brokers known from an earlier answer say nothing
+            # about whether one answers today (False: no broker answered)
+            answered = await asyncio.wait_for(producer.client.force_metadata_update(), self.timeout)
+            return bool(answered) and bool(producer.client.cluster.brokers())
         except Exception:
             return False
 

@@ -66,6 +66,36 @@ async def stop_consumer(consumer) -> None:
             raise
 
 
+TOPIC_WAIT = 10.0  # seconds a topic missing from the metadata is asked about again (just created?)
+
+
+async def topic_partitions(client, topic: str, wait: float = TOPIC_WAIT) -> set[int]:
+    """The partitions of ``topic`` the brokers report (an aiokafka client's);
+    empty when it does not exist.
+
+    Asks for fresh metadata first: a client that subscribed to nothing
+    knows no topics (aiokafka's bootstrap asks for none, and Apache Kafka
+    answers with none). A topic created a moment ago is not in a broker's
+    metadata yet (the broker applies the controller's record later: tens of
+    milliseconds, seconds on a busy broker just started), so a missing topic
+    is asked about again until ``wait`` seconds have passed: only a topic
+    that really is missing costs that long.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            await asyncio.wait_for(client.force_metadata_update(), max(0.1, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            pass
+        parts = client.cluster.partitions_for_topic(topic)
+        if parts or loop.time() >= deadline:
+            return set(parts or ())
+        await asyncio.sleep(0.05)  # polling interval, bounded by the deadline
+
+
 async def end_offsets(bootstrap: str, topics: list[str]) -> dict:
     """TopicPartition -> end offset, for every partition of ``topics`` (each must exist)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -73,10 +103,9 @@ async def end_offsets(bootstrap: str, topics: list[str]) -> dict:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
         tps = []
         for topic in topics:
-            parts = consumer.partitions_for_topic(topic)
+            parts = await topic_partitions(consumer._client, topic)
             if not parts:
                 raise RuntimeError(f"topic {topic} does not exist; run 'casestream topics create'")
             tps += [TopicPartition(topic, p) for p in sorted(parts)]

@@ -77,6 +77,12 @@ GATEWAY_SECONDS = Histogram(
     "casestream_gateway_request_duration_seconds", "Gateway intake request duration (to Kafka's acknowledgement).",
     ["kind"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
 
+# the analyst's view (streams/api.py)
+ANALYTICS_PERCENTILES = Counter(
+    "casestream_analytics_percentiles_total",
+    "Analytics answers with percentiles, by how they were computed: aggregation (the search server's) "
+    "or values (every value read, on a server without the aggregation).", ["tenant", "source"])
+
 
 def record_oncall(tenant: str, ack_status: str, event: dict, case: dict | None) -> None:
     """On-call metrics of one emitted domain event (``case``: the case state after it)."""

@@ -7,6 +7,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
@@ -15,15 +16,18 @@ from streams.config import PROJECT_ROOT
 from streams.engines import free_port
 
 pytestmark = pytest.mark.integration
+API_LOGS: dict[str, Path] = {}  # base URL -> the API process's log
 
 
 @pytest.fixture(scope="module")
 def api(stack, tmp_path_factory):
     port = free_port()
-    log = open(tmp_path_factory.mktemp("api") / "api.log", "wb")
+    log_path = tmp_path_factory.mktemp("api") / "api.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "api", "--port", str(port)], env=stack.env,
                             cwd=str(PROJECT_ROOT), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    API_LOGS[base] = log_path
     stack.poll(lambda: get(base, "/health"), lambda r: r[0] == 200, what="the API to answer")
     yield base
     proc.terminate()
@@ -121,22 +125,47 @@ def test_case_and_timeline(api, seeded):
     assert [e["version"] for e in tl["events"]] == [1, 2, 3]
 
 
-def test_analytics(api, seeded):
+def _pct(*values: float) -> dict:
+    """What the API promises for these values: linear interpolation between the closest ranks
+    (exact on every server for a bucket this small; see QueryService._add_percentiles)."""
+    return {k: pytest.approx(v, rel=1e-9) for k, v in zip(("p50", "p90", "p95", "p99"), values)}
+
+
+def test_analytics(stack, api, seeded):
     day = {"created_from": "2031-03-01T00:00:00Z", "created_to": "2031-03-02T00:00:00Z"}
     status, r = get(api, "/v1/on-call/analytics", metric="mtta", interval="day", group_by="severity", **day)
     assert status == 200 and r["metric"] == "mtta" and len(r["buckets"]) == 1
     bucket = r["buckets"][0]
     assert bucket["start"] == 1930089600000 and bucket["count"] == 3  # 2031-03-01; a, b, d were acknowledged
     assert bucket["mean_seconds"] == 70
+    assert bucket["percentiles_seconds"] == _pct(60, 108, 114, 118.8)  # 30, 60, 120 s
     groups = {g["value"]: g for g in bucket["groups"]}
     assert (groups["critical"]["count"], groups["critical"]["mean_seconds"]) == (2, 90)
-    assert groups["critical"]["percentiles_seconds"] == {"p50": 60, "p90": 120, "p95": 120, "p99": 120}
+    assert groups["critical"]["percentiles_seconds"] == _pct(90, 114, 117, 119.4)  # 60, 120 s
     assert (groups["warning"]["count"], groups["warning"]["mean_seconds"]) == (1, 30)
+    assert groups["warning"]["percentiles_seconds"] == _pct(30, 30, 30, 30)
+    documented = orjson.loads((PROJECT_ROOT / "schemas" / "openapi.json").read_bytes())["components"]["schemas"]
+    assert set(documented["Analytics"]["required"]) <= set(r)
+    assert set(bucket["percentiles_seconds"]) == set(documented["Percentiles"]["properties"])
     status, r = get(api, "/v1/on-call/analytics", metric="mttr", interval="hour", **day)
     assert status == 200 and [(b["count"], b["mean_seconds"]) for b in r["buckets"]] == [(3, 330)]
-    assert r["buckets"][0]["percentiles_seconds"]["p50"] == 300
+    assert r["buckets"][0]["percentiles_seconds"] == _pct(300, 540, 570, 594)  # 90, 300, 600 s
     status, counts = get(api, "/v1/on-call/analytics", metric="count", interval="hour", **day)
     assert status == 200 and [b["count"] for b in counts["buckets"]] == [5]
+    assert "percentiles_seconds" not in counts["buckets"][0]
+    # the server's own aggregation where it has one; the values read only where it answers that it has not
+    probe = stack.es("POST", f"/{stack.index('on-call')}/_search",
+                     {"size": 0, "aggs": {"p": {"percentiles": {"field": "time_to_resolve_seconds"}}}})
+    server_has_it = "aggregations" in probe
+    assert server_has_it or probe.get("_status") == 400, probe
+    with urllib.request.urlopen(api + "/metrics", timeout=10) as m:
+        metrics = m.read().decode()
+    used = {src: sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                     if line.startswith("casestream_analytics_percentiles_total{") and 'tenant="on-call"' in line
+                     and f'source="{src}"' in line) for src in ("aggregation", "values")}
+    assert used == ({"aggregation": 2, "values": 0} if server_has_it else {"aggregation": 0, "values": 2}), used
+    refused = "no percentiles aggregation" in API_LOGS[api].read_text(errors="replace")
+    assert refused is not server_has_it, f"server has percentiles: {server_has_it}; the API was refused: {refused}"
 
 
 def test_errors_name_the_parameter(api, seeded):
