@@ -31,8 +31,8 @@ from streams.engines.cache import cache_dir, have_jdk
 from streams.engines.elasticsearch import Elasticsearch
 from streams.engines.kafka import ApacheKafka
 from streams.engines.postgres import Postgres
-from streams.engines.process import (EngineError, alive, free_port, port_in_use, spawn, start_time, terminate,
-                                     wait_ready)
+from streams.engines.process import (EngineError, alive, free_port, port_in_use, spawn, start_time, tail,
+                                     terminate, wait_ready)
 from streams.engines.standin import Standin
 
 __all__ = ["EngineError", "Engines", "PROFILES", "choose_profile", "free_port", "cache_dir", "STANDARD_PORTS"]
@@ -87,6 +87,11 @@ class Running:
     @property
     def alive(self) -> bool:
         return alive(self.pid, self.started)
+
+
+def _bind_failure(message: str) -> bool:
+    return any(m in message for m in ("Address already in use", "BindException", "could not bind",
+                                      "Failed to bind"))
 
 
 class Engines:
@@ -160,9 +165,11 @@ class Engines:
                         raise EngineError(f"{kind.label} already runs on port {prev.engine.ports[s]} "
                                           f"(asked: {want}); 'casestream services down' first")
                 continue
-            eng_ports = {}
+            eng_ports, auto = {}, set()
             for pname in kind.port_names:
                 want = ports.get(pname) if pname in kind.services else None
+                if want == 0 or (want is None and prev is None and pname not in kind.services):
+                    auto.add(pname)
                 if want == 0:
                     port = free_port()
                 elif want:
@@ -173,7 +180,7 @@ class Engines:
                     port = defaults[pname]
                 else:
                     port = free_port()
-                if port_in_use(port) and busy_ok and not want:
+                if port_in_use(port) and (pname in auto or (busy_ok and not want)):
                     port = free_port()
                 if port_in_use(port):
                     flag = f"--{pname}-port" if pname in kind.services else None
@@ -182,12 +189,22 @@ class Engines:
                                          "stop what holds it"))
                 eng_ports[pname] = port
             eng = kind(self.dir / kind.name, eng_ports)
-            run = self._start(eng, state)
-            started.append(run)
-        for run in started:
-            wait_ready(f"{run.engine.label} {run.engine.version}", run.engine.ready,
-                       timeout=timeout or run.engine.start_timeout, pid=run.pid, started=run.started,
-                       log_path=run.engine.log_path)
+            started.append((self._start(eng, state), auto))
+        for run, auto in started:
+            for attempt in range(3):
+                try:
+                    wait_ready(f"{run.engine.label} {run.engine.version}", run.engine.ready,
+                               timeout=timeout or run.engine.start_timeout, pid=run.pid, started=run.started,
+                               log_path=run.engine.log_path)
+                    break
+                except EngineError as exc:
+                    # a port picked free was taken by another program before the engine bound it:
+                    # pick again (ports someone asked for are never changed)
+                    if not auto or attempt == 2 or not _bind_failure(tail(run.engine.log_path, 40)):
+                        raise
+                    for pname in auto:
+                        run.engine.ports[pname] = free_port()
+                    run = self._start(run.engine, state)
         return self.running()
 
     def _start(self, eng: Engine, state: dict) -> Running:
