@@ -1,7 +1,9 @@
 """Stall detection for a worker's consumer: pure, driven by observations.
 
-A worker is *stalled* when input is waiting (lag > 0) and its streams have
-read nothing new for longer than the limit, outside recovery/rebalancing.
+A worker is *stalled* when input has been waiting (lag > 0) for longer than
+the limit and its streams have read nothing new meanwhile, outside
+recovery/rebalancing. An idle worker (lag 0) is never stalled, however long
+ago it last read.
 The worker feeds an observation every few seconds; what to do about a stall
 (exit for the supervisor) is the caller's business.
 """
@@ -32,7 +34,9 @@ class StallDetector:
                 recovering: bool, now: float) -> bool:
         """Record one observation; True when the consumer counts as stalled."""
         read = dict(read_offsets)
-        if recovering or read != self.last_read:
+        # progress: something was read, or nothing waits (the limit counts from
+        # when input started waiting, not from the last read of an idle worker)
+        if recovering or read != self.last_read or lag == 0:
             self.last_progress = now
         self.last_read = read
         return bool(lag) and not recovering and self.stalled_for(now) > self.limit

@@ -36,3 +36,15 @@ def test_no_lag_or_recovery_is_never_a_stall():
     # recovery counted as progress: the limit runs from its end
     assert not d.observe({"a:0": 1}, 100, recovering=False, now=759)
     assert d.observe({"a:0": 1}, 100, recovering=False, now=761)
+
+
+def test_an_idle_worker_is_not_stalled_when_input_arrives():
+    """The limit counts from when input started waiting: a worker idle for
+    longer than the limit that sees one new message is not stalled (seen on
+    Apache Kafka: the health check ran between the produce and the read)."""
+    d = StallDetector(60, now=0)
+    assert not d.observe({"a:0": 5}, 0, recovering=False, now=5)
+    assert not d.observe({"a:0": 5}, 0, recovering=False, now=135)  # idle for 130 s
+    assert not d.observe({"a:0": 5}, 1, recovering=False, now=140)  # a message arrives
+    assert not d.observe({"a:0": 5}, 1, recovering=False, now=195)
+    assert d.observe({"a:0": 5}, 1, recovering=False, now=201)      # waiting > 60 s, not read: stalled
