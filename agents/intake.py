@@ -285,7 +285,9 @@ def register(topo: Topology) -> None:
                 except Exception as exc:  # a bug must not stop the partition or lose the record
                     failed(event, exc)
             for key, (event, entry) in dirty.items():
-                write_in_context(topo.keys, event, key, orjson.dumps(entry))
+                # versioned: "applied" first in the bytes (streams/rebalance.py VersionedTable)
+                write_in_context(topo.keys, event, key,
+                                 orjson.dumps({"applied": entry.get("applied", 0), **entry}))
                 sync_timers(event, before.get(key, {}), get_timers(entry), stale)
             for timer_id, event in stale.items():
                 if topo.timers.get(timer_id) is not None:
@@ -341,6 +343,10 @@ def register(topo: Topology) -> None:
                 send_outputs(domain.recorded_outputs(entry, input_id) or [])
                 dirty[entry["dedup_key"]] = (event, entry)
                 before[entry["dedup_key"]] = {}  # rewrite its timers index too
+            if timer.get("kind") != "delivery" and not paging.is_pending(entry, timer):
+                # fired already: out of the index too (a crash may have lost that deletion, and
+                # the scheduler would send it again every 30 s for ever)
+                stale.setdefault(timer["timer_id"], event)
             return
         if timer.get("kind") == "delivery" and decision.entry is None:
             return  # nothing to record it on

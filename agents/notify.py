@@ -150,6 +150,11 @@ def register(topo: Topology, tick: float = 0.5) -> None:
         if inflight.get(did) == msg["attempt"]:
             del inflight[did]
         if state is None or state["state"] != "pending" or msg["attempt"] != state["attempts"] + 1:
+            if state is not None and state.get("report") and msg["attempt"] == state["attempts"]:
+                # the result that finished it, redelivered: a crash may have lost the outcome report
+                # after the tables had it, so it goes again (the apply agent records it once)
+                topo.timers_topic.send_soon(key=routing_token(state["report"]["dedup_key"]).encode(),
+                                            value=orjson.dumps(state["report"]))
             return  # a result already applied (redelivered), or for a finished delivery
         settle(event, did, state, msg)
 
@@ -190,17 +195,18 @@ def register(topo: Topology, tick: float = 0.5) -> None:
             final = "failed"
         if final == "failed":  # a dead letter: `casestream dlq replay --reason notification_failed` retries it
             dead_letter_failure(event, req, outcome.reason)
-        # final: a small record in the outcomes table (the id stays known: a re-sent request is
-        # ignored); the pending table, which every tick scans, keeps only what is pending
-        write_in_context(topo.delivery_outcomes, event, did, orjson.dumps(
-            {"delivery_id": did, "state": final, "attempts": attempts, "endpoint": name}))
-        write_in_context(topo.deliveries, event, did, None)
         report = {"kind": "delivery", "outcome": final, "delivery_id": did, "case_id": req["case_id"],
                   "dedup_key": req["dedup_key"], "endpoint": name, "channel": channel, "attempts": attempts,
                   "status_code": msg.get("status"), "reason": outcome.reason,
                   "permanent": outcome.kind == policy.PERMANENT,
                   "notification_id": req.get("notification_id"), "user_id": req.get("user_id"),
                   "at": int(at * 1000)}
+        # final: a small record in the outcomes table (the id stays known: a re-sent request is
+        # ignored; the report is kept to be sent again if this result is redelivered); the pending
+        # table, which every tick scans, keeps only what is pending
+        write_in_context(topo.delivery_outcomes, event, did, orjson.dumps(
+            {"delivery_id": did, "state": final, "attempts": attempts, "endpoint": name, "report": report}))
+        write_in_context(topo.deliveries, event, did, None)
         topo.timers_topic.send_soon(key=routing_token(req["dedup_key"]).encode(), value=orjson.dumps(report))
 
     def dead_letter_failure(event, req: dict, reason: str) -> None:

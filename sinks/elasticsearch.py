@@ -21,9 +21,7 @@ created before a field was added accepts documents with it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
 from sinks.base import Backoff, SinkRecord
 from streams.config import Tenant
@@ -131,9 +129,6 @@ class ElasticsearchSink:
         self.backoff = backoff or Backoff()
         self.client = None
         self.skipped = 0
-        self.refresh_every = 1.0
-        self._last_refresh = 0.0
-        self._pending_refresh: asyncio.Future | None = None
 
     def _retry_on(self) -> tuple[type[BaseException], ...]:
         from elasticsearch import ConnectionError as ESConnectionError, ConnectionTimeout
@@ -149,7 +144,8 @@ class ElasticsearchSink:
             await self.backoff.run(f"elasticsearch open {self.index}", self.ensure_index, self._retry_on())
 
     async def ensure_index(self) -> None:
-        """The alias ``self.index`` over a concrete index (``<alias>-<utc time>``), created when absent;
+        """The alias ``self.index`` over a concrete index (``<alias>-initial``, after a rebuild
+        ``<alias>-<utc time>``), created when absent;
         an existing index gets the current mapping's new fields.
 
         Writers and readers use the alias; a rebuild fills a fresh concrete
@@ -160,7 +156,10 @@ class ElasticsearchSink:
             await self.client.indices.put_mapping(index=self.index, dynamic=MAPPING["dynamic"],
                                                   properties=MAPPING["properties"])
             return
-        concrete = concrete_index_name(self.index)
+        # the first concrete index has a fixed name: workers opening at once all create that one index
+        # (creating it again is harmless) and add the one alias; a name each would leave the alias over
+        # several indices, with no write index, and every document rejected
+        concrete = f"{self.index}-initial"
         await create_index(self.client, concrete)
         await self.client.indices.update_aliases(actions=[{"add": {"index": concrete, "alias": self.index}}])
 
@@ -178,13 +177,19 @@ class ElasticsearchSink:
             by_case.setdefault(r.event["case_id"], []).append(r.event)
         ids = sorted(by_case)
         got = await self.client.mget(index=self.index, ids=ids)
+        unread = [d for d in got.body["docs"] if "error" in d]
+        if unread:  # e.g. a shard not recovered yet after a restart: "not found" would skip its events
+            raise _Retryable(f"mget {unread[0].get('_id')}: {unread[0]['error']}")
         current = {d["_id"]: d["_source"] for d in got.body["docs"] if d.get("found")}
         ops: list[dict] = []
         for cid in ids:
             doc = current.get(cid)
             state = state_from_document(doc) if doc else None
             version = state["version"] if state else 0
-            evs = [e for e in sorted(by_case[cid], key=lambda e: e["version"]) if e["version"] > version]
+            # one event per version: a batch may hold an event twice (Kafka redelivers at least once), and a
+            # repeat must not end the fold below early (what came after it would never be indexed)
+            evs = sorted({e["version"]: e for e in by_case[cid] if e["version"] > version}.values(),
+                         key=lambda e: e["version"])
             if not evs:
                 continue  # all already indexed: a redelivery
             if evs[0]["version"] != version + 1:
@@ -201,8 +206,8 @@ class ElasticsearchSink:
             ops.append(document(state))
         if not ops:
             return
+        # no explicit refresh: the server refreshes every second by itself (Elasticsearch, and the stand-in too)
         resp = await self.client.bulk(operations=ops, refresh=False)
-        await self._maybe_refresh()
         if resp.body.get("errors"):
             for item in resp.body["items"]:
                 res = item.get("index", {})
@@ -214,33 +219,12 @@ class ElasticsearchSink:
                 self.skipped += 1
                 log.error("%s: document %s rejected (%s): %s", self.index, res.get("_id"), status, res.get("error"))
 
-    async def _maybe_refresh(self) -> None:
-        """Searchable within ~1 s: Elasticsearch refreshes every second by
-        default, the local stand-in never does; at most one explicit refresh
-        a second, and a trailing one after the last write."""
-        now = time.monotonic()
-        if now - self._last_refresh >= self.refresh_every:
-            self._last_refresh = now
-            await self.client.indices.refresh(index=self.index)
-        elif self._pending_refresh is None or self._pending_refresh.done():
-            self._pending_refresh = asyncio.ensure_future(self._refresh_later(self.refresh_every))
-
-    async def _refresh_later(self, delay: float) -> None:
-        await asyncio.sleep(delay)  # a deliberate delay: coalesces refreshes, not a wait for a condition
-        try:
-            if self.client is not None:
-                self._last_refresh = time.monotonic()
-                await self.client.indices.refresh(index=self.index)
-        except Exception as exc:  # best effort: the next write refreshes again
-            log.warning("%s: refresh failed: %r", self.index, exc)
-
     async def flush(self) -> None:
+        """Searchable now (a rebuild's end), not at the server's next refresh."""
         if self.client is not None:
             await self.client.indices.refresh(index=self.index)
 
     async def close(self) -> None:
-        if self._pending_refresh is not None and not self._pending_refresh.done():
-            self._pending_refresh.cancel()
         if self.client is not None:
             await self.client.close()
             self.client = None

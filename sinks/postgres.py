@@ -70,8 +70,8 @@ async def ensure_database(dsn: str, name: str) -> bool:
             return False
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
-        except asyncpg.DuplicateDatabaseError:
-            return False
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            return False  # created meanwhile by another worker (a race: unique violation in pg_database)
         return True
     finally:
         await conn.close()

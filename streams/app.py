@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import faust
 
+from streams.batching import QuietStream
+from streams.rebalance import App
 from streams.config import ConfigError, Tenant, TopicFamily, get_tenant, load_topics
 from streams.settings import Settings, default_instance_id
 
@@ -73,7 +75,12 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
     """The worker of one tenant. ``role``: ``all`` (intake and projections in
     one process), ``intake`` (route + apply, owns the tables), or
     ``projections`` (the sink agents only, as their own Faust app and consumer
-    group ``<app id>-projections``, so they can run in another process)."""
+    group ``<app id>-projections``, so they can run in another process).
+
+    The consumer group session timeout is ``settings.session_timeout``
+    (``CASESTREAM_SESSION_TIMEOUT``, default 60 s; heartbeats every tenth of
+    it, at most 3 s): with static membership (``consumer_group_instance_id``)
+    a member that dies keeps its partitions that long before they move."""
     if role not in ROLES:
         raise ConfigError(f"unknown worker role '{role}'; use one of {', '.join(ROLES)}")
     name = tenant_name or settings.tenant_name
@@ -82,10 +89,10 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
     app_id = family.app_id if role != "projections" else f"{family.app_id}-projections"
     store_dir = settings.store_dir(tenant.name) / ("" if role != "projections" else "projections")
     store_dir.mkdir(parents=True, exist_ok=True)
-    iid = instance_id or default_instance_id(tenant.name)
+    iid = instance_id or default_instance_id(tenant.name, settings.store_dir(tenant.name))
     if role == "projections" and not instance_id:
         iid += "-projections"
-    app = faust.App(
+    app = App(  # faust.App with the rebalance guards of streams/rebalance.py
         app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_servers],
         store="rocksdb://",
@@ -95,6 +102,8 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         topic_allow_declare=True,
         processing_guarantee="at_least_once",
         consumer_group_instance_id=iid,
+        broker_session_timeout=settings.session_timeout,     # CASESTREAM_SESSION_TIMEOUT
+        broker_heartbeat_interval=settings.heartbeat_interval,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         # batch outputs: without linger every buffered send is its own request
@@ -103,7 +112,9 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         web_enabled=False,
         autodiscover=False,
         table_cleanup_interval=60.0,
+        Stream=QuietStream,  # take_events that sleeps while nothing is buffered (streams/batching.py)
     )
+    app.store_dir = store_dir  # discarded if the group expels this worker (streams/rebalance.py)
     table_opts = {"driver": "rocksdict"}
     has_intake = role in ("all", "intake")
     topo = Topology(
@@ -114,9 +125,10 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         routed=_raw_topic(app, family.name("intake-routed")),
         domain_events=_raw_topic(app, family.name("domain-events")),
         dlq=_raw_topic(app, family.name("dlq")),
-        keys=app.Table("keys", default=None, key_type=bytes, value_type=bytes,
-                       options=table_opts,
-                       help="dedup key -> its cases, open case, seen intake ids and their outputs")
+        keys=app.VersionedTable("keys", default=None, key_type=bytes, value_type=bytes,
+                                options=table_opts,
+                                help="dedup key -> its cases, open case, seen intake ids and their outputs "
+                                     "(versioned: a restore never steps back to an older state)")
         if has_intake else None,
         case_keys=app.Table("case_keys", default=None, key_type=bytes, value_type=bytes,
                             options=table_opts, help="case id -> dedup key (write-once index)")

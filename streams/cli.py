@@ -239,10 +239,9 @@ async def read_topic(bootstrap: str, topic: str, *, from_beginning: bool, max_me
                                 auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic)
+        from streams.kafka import topic_partitions
+
+        parts = await topic_partitions(consumer._client, topic)
         if not parts:
             raise CliError(f"topic {topic} does not exist; run 'casestream topics create'")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -857,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the Faust worker of one tenant (intake -> domain events).")
     w.add_argument("--tenant", help="tenant to serve (default: TENANT_NAME, else case-management)")
     w.add_argument("--instance-id", help="static group membership id; keep it stable across restarts "
-                                         "(default: <tenant>-<hostname>)")
+                                         "(default: <tenant>-<hostname>-<hash of its store directory>)")
     w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
                                                     "(default: CASESTREAM_METRICS_PORT, else off)")
     w.add_argument("--role", choices=["all", "intake", "projections"],

@@ -1,5 +1,6 @@
-"""Settings from the environment. Nothing here assumes the local stand-in:
-the same code runs against the real servers of docker-compose.yml."""
+"""Settings from the environment. Nothing here assumes which engines answer:
+the same code runs against the project's own (streams/engines), the servers
+of docker-compose.yml, or any others."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class Settings:
     topics_file: Path
     tenant_name: str
     stall_seconds: float = 60.0
+    # Kafka consumer-group session timeout (CASESTREAM_SESSION_TIMEOUT, seconds): how long the group
+    # coordinator waits for a silent member (crashed, stopped, partitioned) before it moves its
+    # partitions. With static membership a restart within it keeps the partitions without a
+    # rebalance; a dead member's partitions wait this long. Faust's default, 60 s; tests use a few.
+    session_timeout: float = 60.0
     db_prefix: str = "casestream_"
     projections: tuple[str, ...] = ("postgres", "elasticsearch")
     index_prefix: str = ""
@@ -34,6 +40,12 @@ class Settings:
     # response_url prefixes the gateway may post Slack message updates to besides https://hooks.slack.com/
     # (tests: a local receiver)
     slack_response_prefixes: tuple[str, ...] = ()
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Consumer heartbeats: a tenth of the session timeout, at most Faust's default 3 s
+        (several heartbeats fit in a session even when one is late)."""
+        return min(3.0, self.session_timeout / 10)
 
     @property
     def kafka_servers(self) -> list[str]:
@@ -60,6 +72,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         topics_file=Path(env.get("CASESTREAM_TOPICS_FILE", config_dir / "topics.yaml")),
         tenant_name=env.get("TENANT_NAME") or DEFAULT_TENANT,
         stall_seconds=float(env.get("CASESTREAM_STALL_SECONDS", "60")),
+        session_timeout=float(env.get("CASESTREAM_SESSION_TIMEOUT", "60")),
         db_prefix=env.get("CASESTREAM_DB_PREFIX", "casestream_"),
         projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres,elasticsearch").split(",")
                           if p.strip()),
@@ -88,6 +101,16 @@ def _rate(env: dict[str, str], name: str, default: str) -> tuple[float, float]:
     return rate, burst
 
 
-def default_instance_id(tenant: str) -> str:
-    """Stable per host and tenant: static group membership across restarts."""
-    return f"{tenant}-{socket.gethostname()}"
+def default_instance_id(tenant: str, store_dir: Path | None = None) -> str:
+    """Stable per host, tenant and local store: static group membership across
+    restarts. The store directory is part of it because two live members with
+    one instance id process the same partitions until the broker fences one
+    (seen on Apache Kafka: ~5 s of double work, then the older one fails);
+    two workers on one host have two stores (RocksDB locks its directory), so
+    they get two ids without being told, and a restart in place keeps its id."""
+    base = f"{tenant}-{socket.gethostname()}"
+    if store_dir is None:
+        return base
+    import hashlib
+
+    return f"{base}-{hashlib.sha1(str(Path(store_dir).resolve()).encode()).hexdigest()[:8]}"

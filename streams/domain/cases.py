@@ -142,8 +142,11 @@ def is_redelivery(entry: dict, event_id: str, offset: int | None) -> bool:
 
 
 def remember(entry: dict, event_id: str, outputs: list, offset: int | None = None) -> dict:
-    """The entry with ``event_id`` marked seen, its outputs and input offset kept (bounded)."""
+    """The entry with ``event_id`` marked seen, its outputs and input offset kept (bounded),
+    and ``applied``, the number of inputs applied to the key, one more: a later state of the
+    key always has a greater ``applied`` (a restore keeps the greatest, streams/rebalance.py)."""
     e = dict(entry)
+    e["applied"] = entry.get("applied", 0) + 1
     e["seen"] = (entry["seen"] + [event_id])[-SEEN_LIMIT:]
     e["recent"] = (entry["recent"] + [[event_id, outputs, offset]])[-RECENT_LIMIT:]
     return e

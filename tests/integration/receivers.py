@@ -21,6 +21,7 @@ class Hit:
     headers: dict
     body: bytes
     at: float
+    status: int | None = None   # what the receiver answered (None while it is still answering)
 
     @property
     def json(self):
@@ -47,8 +48,8 @@ class Receiver:
         async def handler(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             path = request.path
-            self.hits.append(Hit(path, request.headers.get("X-Casestream-Delivery-Id"), dict(request.headers),
-                                 body, time.time()))
+            hit = Hit(path, request.headers.get("X-Casestream-Delivery-Id"), dict(request.headers), body, time.time())
+            self.hits.append(hit)
             answers = self.script.get(path, [200])
             n = sum(1 for h in self.hits if h.path == path) - 1
             answer = answers[min(n, len(answers) - 1)]
@@ -60,6 +61,7 @@ class Receiver:
                 answer, headers = answer
             if answer in (301, 302, 307, 308):
                 headers = {"Location": self.url("/ok"), **headers}
+            hit.status = answer
             return web.Response(status=answer, headers=headers, text="ok" if answer < 300 else "no")
 
         def run():

@@ -63,18 +63,19 @@ def test_duplicates_and_older_versions_never_overwrite(stack, run_id):
         await sink.open()
         try:
             recs = [SinkRecord("t", 0, i, e) for i, e in enumerate(events)]
-            await sink.write_batch(recs[:2])
+            await sink.write_batch([recs[0], recs[0], recs[1]])   # an event twice in one batch
+            first = (await sink.client.get(index=index, id=events[0]["case_id"])).body["_source"]["version"]
             await sink.write_batch(recs)          # redelivery of 1-2, plus 3
             await sink.write_batch(recs[:1])      # an old event again
             await sink.write_batch([recs[2]])     # the newest again
-            return sink.skipped
+            return sink.skipped, first
         finally:
             await sink.close()
 
     try:
-        skipped = asyncio.run(drive())
+        skipped, first = asyncio.run(drive())
         doc = stack.es("GET", f"/{index}/_doc/{events[0]['case_id']}")
-        assert skipped == 0
+        assert skipped == 0 and first == 2   # the repeat did not stop the fold at version 1
         assert doc["_version"] == 3 and doc["_source"]["occurrence_count"] == 3 and doc["_source"]["version"] == 3
     finally:
         stack.es_drop(index)
