@@ -53,7 +53,9 @@ from streams.domain import cases as domain
 from streams.domain import notify as notifying
 from streams.domain import oncall as paging
 from streams.domain.relay import route_events
-from streams.domain.intake import PROCESSING_ERROR, UNKNOWN_CASE, Intake, Rejection, parse, routing_key
+from streams.domain.intake import (
+    EVENT_ID_HEADER, PROCESSING_ERROR, UNKNOWN_CASE, Intake, Rejection, parse, record_event_id, routing_key,
+)
 
 log = logging.getLogger("casestream.intake")
 
@@ -67,8 +69,10 @@ NOTIFY = "notify"
 ROUTED = "intake-routed"
 
 
-def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, raw: bytes | None) -> dict:
-    """The DLQ record: reason, detail, where it came from, and the original."""
+def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, raw: bytes | None,
+                event_id: str | None = None) -> dict:
+    """The DLQ record: reason, detail, where it came from, the original, and the
+    intake message's identity (``event_id``: explicit or its record's; a replay keeps it)."""
     record = {
         "reason": rejection.reason,
         "detail": rejection.detail,
@@ -77,6 +81,8 @@ def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, r
         "original_encoding": "utf-8",
         "dead_lettered_at": None,
     }
+    if event_id is not None:
+        record["event_id"] = event_id
     if raw is not None:
         try:
             record["original"] = raw.decode("utf-8")
@@ -110,11 +116,33 @@ def write_in_context(table, event, key: str, value: bytes | None) -> None:
         _current_event.reset(token)
 
 
+def producer_topics(topo: Topology, subscriptions=()) -> list[str]:
+    """Every topic the worker writes to: its family's, its tables' changelogs, the relay topics."""
+    names = [spec.name for spec in topo.family.all_topics()]
+    names += [t.changelog_topic.get_topic_name() for t in topo.app.tables.values()]
+    return sorted(set(names) | {topo.family.relay(s).name for s in subscriptions})
+
+
+async def track_topics(topo: Topology, subscriptions=()) -> bool:
+    """The worker's producer keeps metadata for every topic it writes to (``streams.kafka.track_producer_topics``)."""
+    from streams.kafka import track_producer_topics
+
+    producer = getattr(topo.app.producer, "_producer", None)
+    try:
+        return await track_producer_topics(producer, producer_topics(topo, subscriptions))
+    except Exception as exc:  # tried again before the next new topic
+        log.warning("producer metadata for the worker's topics not updated yet: %r", exc)
+        return False
+
+
 async def ensure_relay_topics(topo: Topology) -> None:
     """Create the relay topics of newly configured subscriptions; a
     subscription relays from the moment its topic exists (no backfill: replay
-    the domain-event log for history)."""
-    wanted = {s.id for s in topo.oncall.current.subscriptions}
+    the domain-event log for history). The producer tracks every topic the
+    worker writes to before the first send to a new one (``track_topics``)."""
+    wanted = {s.id for s in topo.oncall.current.subscriptions} if topo.oncall is not None else set()
+    if not topo.producer_tracked:
+        topo.producer_tracked = await track_topics(topo, topo.relay_ready)
     missing = wanted - topo.relay_ready
     if not missing or time.monotonic() < topo.relay_retry_at:
         return
@@ -122,6 +150,11 @@ async def ensure_relay_topics(topo: Topology) -> None:
 
     try:
         await create_topics(topo.bootstrap, [], extra=[topo.family.relay(s) for s in sorted(missing)])
+        from streams.kafka import track_producer_topics
+
+        if not await track_producer_topics(getattr(topo.app.producer, "_producer", None),
+                                           producer_topics(topo, topo.relay_ready | missing)):
+            raise RuntimeError("the producer is not started")
     except Exception as exc:  # retried after a pause (those events are not relayed meanwhile)
         topo.relay_retry_at = time.monotonic() + 10
         log.warning("relay topics %s not created yet (retry in 10 s): %r", sorted(missing), exc)
@@ -131,22 +164,71 @@ async def ensure_relay_topics(topo: Topology) -> None:
              [topo.family.relay(s).name for s in sorted(missing)])
 
 
+def header_value(headers, name: str) -> bytes | None:
+    """A Kafka header's value (Faust gives headers as a list of pairs or a mapping)."""
+    if not headers:
+        return None
+    items = headers.items() if hasattr(headers, "items") else headers
+    for k, v in items:
+        if k == name:
+            return v
+    return None
+
+
+def record_identity(topic: str, partition: int, offset: int, headers=None) -> str:
+    """The identity of an intake record without ``event_id``: the one its
+    ``EVENT_ID_HEADER`` names (a replay), else its own coordinates."""
+    given = header_value(headers, EVENT_ID_HEADER)
+    if given:
+        try:
+            return given.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return record_event_id(topic, partition, offset)
+
+
 def route_message(tenant, topic: str, partition: int, offset: int, timestamp_ms: int,
-                  key: bytes | None, raw: bytes | None) -> tuple[str, bytes | None, dict]:
+                  key: bytes | None, raw: bytes | None, headers=None) -> tuple[str, bytes | None, dict]:
     """Where one intake record goes: ("routed", routing key, envelope) or ("dlq", key, dead letter)."""
-    result = parse(raw, tenant, timestamp_ms)
+    record_id = record_identity(topic, partition, offset, headers)
+    result = parse(raw, tenant, timestamp_ms, record_id)
     if isinstance(result, Rejection):
-        return DLQ, key, dead_letter(result, topic, partition, offset, raw)
+        return DLQ, key, dead_letter(result, topic, partition, offset, raw, record_id)
     rkey = routing_key(result, tenant)
     if rkey is None:
         rej = Rejection(UNKNOWN_CASE, f"case id {result.case_id!r} is not a {tenant.name} case id")
-        return DLQ, key, dead_letter(rej, topic, partition, offset, raw)
+        return DLQ, key, dead_letter(rej, topic, partition, offset, raw, result.event_id)
     envelope = {
         "intake": result.to_dict(),
         "source": {"topic": topic, "partition": partition, "offset": offset},
         "original": raw.decode("utf-8"),  # parsed as JSON, so valid UTF-8
     }
     return ROUTED, rkey.encode(), envelope
+
+
+class UnflushedOutputs:
+    """Inputs applied per dedup key since the apply agent last flushed the producer itself.
+
+    A key's stored state can re-send the outputs of its last ``limit`` inputs
+    only (``cases.RECENT_LIMIT``): that is what a redelivery after a crash
+    re-sends. A crash after a state is written (the local store) and before the
+    producer has sent the outputs would lose, for good, those of older inputs the
+    state no longer keeps. So before writing states that would forget outputs
+    not known to be sent, the agent flushes: ``add`` says when."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def add(self, applied: dict[str, int]) -> bool:
+        """Count a batch's inputs per key; True: flush before writing its states."""
+        for key, n in applied.items():
+            if n > 0:
+                self.counts[key] = self.counts.get(key, 0) + n
+        return any(n > self.limit for n in self.counts.values())
+
+    def clear(self) -> None:
+        self.counts.clear()
 
 
 def register(topo: Topology) -> None:
@@ -219,13 +301,18 @@ def register(topo: Topology) -> None:
         return with_deliveries(cfg, before_entry, with_relay(cfg, before_entry,
                                                              [[DOMAIN, e["case_id"], e] for e in events]))
 
+    @app.timer(interval=1.0, name=f"{topo.family.app_id}.producer_topics")
+    async def track_producer_topics():
+        if not topo.producer_tracked:  # once, as soon as the producer runs (see ensure_relay_topics)
+            topo.producer_tracked = await track_topics(topo, topo.relay_ready)
+
     @app.agent(topo.intake, name=f"{topo.family.app_id}.route")
     async def route(stream):
         async for events in stream.take_events(APPLY_BATCH, within=APPLY_WITHIN):
             for event in events:
                 msg = event.message
                 kind, key, value = route_message(tenant, msg.topic, msg.partition, msg.offset,
-                                                 int(msg.timestamp * 1000), msg.key, event.value)
+                                                 int(msg.timestamp * 1000), msg.key, event.value, msg.headers)
                 if kind == ROUTED:
                     topo.routed.send_soon(key=key, value=orjson.dumps(value))
                     metrics.INTAKE_MESSAGES.labels(tname, "routed").inc()
@@ -250,6 +337,8 @@ def register(topo: Topology) -> None:
                         value_type=bytes, key_serializer="raw", value_serializer="raw", internal=False)
     timers_name = topo.family.name("timers")
 
+    unflushed = UnflushedOutputs(domain.RECENT_LIMIT)
+
     @app.agent(applied, name=f"{topo.family.app_id}.apply")
     async def apply_cases(stream):
         # Batches: entries are read once and written once per batch (the last
@@ -267,10 +356,13 @@ def register(topo: Topology) -> None:
             new_index: dict[str, tuple] = {}  # case id -> (event, dedup key)
             stale: dict[str, object] = {}     # timer ids fired or cancelled -> event
 
+            applied_before: dict[str, int] = {}  # dedup key -> its "applied" count as stored
+
             def entry_of(key: str) -> dict | None:
                 if key not in cache:
                     cache[key] = get_entry(key)
                     before[key] = get_timers(cache[key])
+                    applied_before[key] = (cache[key] or {}).get("applied", 0)
                 return cache[key]
 
             def index_of(case_id: str) -> str | None:
@@ -284,6 +376,10 @@ def register(topo: Topology) -> None:
                         apply_one(event, cfg, entry_of, index_of, cache, dirty, new_index, before)
                 except Exception as exc:  # a bug must not stop the partition or lose the record
                     failed(event, exc)
+            if unflushed.add({key: entry.get("applied", 0) - applied_before.get(key, 0)
+                              for key, (_event, entry) in dirty.items()}):
+                await app.producer.flush()  # before a state that re-sends only the last RECENT_LIMIT is written
+                unflushed.clear()
             for key, (event, entry) in dirty.items():
                 # versioned: "applied" first in the bytes (streams/rebalance.py VersionedTable)
                 write_in_context(topo.keys, event, key,
@@ -311,14 +407,16 @@ def register(topo: Topology) -> None:
         msg = event.message
         log.exception("processing %s:%s@%s failed; dead-lettered as %s", msg.topic, msg.partition, msg.offset,
                       PROCESSING_ERROR)
-        original = event.value
+        original, event_id = event.value, None
         if msg.topic != timers_name:
             try:
-                original = orjson.loads(event.value)["original"].encode("utf-8")
+                env = orjson.loads(event.value)
+                original = env["original"].encode("utf-8")
+                event_id = env["intake"]["event_id"]
             except Exception:
                 pass
         rej = Rejection(PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
-        send_dlq(msg.key, dead_letter(rej, msg.topic, msg.partition, msg.offset, original))
+        send_dlq(msg.key, dead_letter(rej, msg.topic, msg.partition, msg.offset, original, event_id))
 
     def observe(decision, outputs: list) -> None:
         ack = tenant.actions["acknowledge"]
@@ -385,7 +483,7 @@ def register(topo: Topology) -> None:
         if decision.rejection is not None:
             src = env["source"]
             record = dead_letter(decision.rejection, src["topic"], src["partition"], src["offset"],
-                                 env["original"].encode("utf-8"))
+                                 env["original"].encode("utf-8"), intake.event_id)
             outputs.append([DLQ, intake.dedup_key or intake.case_id, record])
             metrics.INTAKE_MESSAGES.labels(tname, "rejected").inc()
         else:

@@ -41,6 +41,7 @@ class Topology:
     bootstrap: str = ""                  # Kafka, for the admin work agents do (relay topics)
     relay_ready: set[str] = field(default_factory=set)  # subscriptions whose relay topic exists
     relay_retry_at: float = 0.0          # monotonic time before which topic creation is not retried
+    producer_tracked: bool = False       # the producer tracks every topic the worker writes to (agents/intake.py)
     busy_sinks: set[str] = field(default_factory=set)  # sinks inside write_batch (for the watchdog)
 
 

@@ -159,7 +159,16 @@ def cmd_worker(args, settings: Settings) -> int:
     port = args.metrics_port if args.metrics_port is not None else int(os.environ.get("CASESTREAM_METRICS_PORT", "0"))
     if port:
         metrics.serve(port)
-    worker = faust.Worker(topo.app, loglevel=args.loglevel, quiet=True)
+    from streams.health import ShutdownDeadline
+
+    deadline = ShutdownDeadline(settings.shutdown_seconds, code=1, log=logging.getLogger("casestream.worker"))
+
+    class Worker(faust.Worker):
+        def _schedule_shutdown(self, signal) -> None:  # SIGTERM, SIGINT
+            deadline.start()  # a stop that hangs (a producer that cannot flush) still ends
+            super()._schedule_shutdown(signal)
+
+    worker = Worker(topo.app, loglevel=args.loglevel, quiet=True)
     # Faust's logging setup leaves the root logger at DEBUG for its handlers to
     # filter: without their own level, aiokafka's per-fetch debug records are
     # built (and dropped) thousands of times a second.
@@ -186,14 +195,15 @@ def _read_lines(path: str) -> list[bytes]:
 
 
 def message_key(raw: bytes, tenant) -> tuple[bytes | None, str]:
-    """Kafka key and printable dedup key of an intake line (same rules as the worker)."""
-    from streams.domain.intake import Rejection, parse
+    """Kafka key and printable dedup key (or case id) of an intake line: the routing
+    token the worker routes it by, so a command naming a case id and an alert naming
+    its dedup key share a partition (``intake_partition_key``)."""
+    from streams.domain.intake import RECORD_ID_PENDING, Rejection, intake_partition_key, parse
 
-    result = parse(raw, tenant, 0)
+    result = parse(raw, tenant, 0, RECORD_ID_PENDING)
     if isinstance(result, Rejection):
         return None, f"- ({result.reason}: {result.detail})"
-    key = result.dedup_key or result.case_id
-    return key.encode(), key
+    return intake_partition_key(result, tenant), result.dedup_key or result.case_id
 
 
 async def send_lines(bootstrap: str, topic: str, lines: list[bytes], tenant) -> list[str]:
@@ -203,13 +213,17 @@ async def send_lines(bootstrap: str, topic: str, lines: list[bytes], tenant) -> 
                                 max_request_size=1048576 + 1024)
     await producer.start()
     try:
+        from streams.domain.intake import RECORD_ID_PENDING, record_event_id
+
         keys, futures = [], []
         for raw in lines:
             key, shown = message_key(raw, tenant)
             keys.append(shown)
             futures.append(await producer.send(topic, raw, key=key))
-        await asyncio.gather(*futures)
-        return keys
+        placed = await asyncio.gather(*futures)
+        # a trigger without dedup_key is its own alert: its key is its record's id
+        return [record_event_id(topic, md.partition, md.offset) if shown == RECORD_ID_PENDING else shown
+                for shown, md in zip(keys, placed)]
     finally:
         await producer.stop()
 

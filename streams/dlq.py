@@ -29,11 +29,13 @@ How a dead letter is replayed depends on where it came from (``source.topic``):
   published by the same replay (a dead letter replayed and rejected again
   sits in the DLQ twice with the same original).
 
-Replay is idempotent and adds no ids: every intake message keeps its
-``event_id`` (explicit, or derived from its bytes, which are republished
-unchanged; the translators derive theirs from the payload) and a timer's id
-derives from its timer id, and the worker ignores an id its dedup key has
-seen. Replaying the same dead letters twice has no second effect.
+Replay is idempotent: every intake message keeps its identity (an explicit
+``event_id`` in its bytes, republished unchanged; otherwise the id its record
+had, carried by the ``casestream-event-id`` header; the translators derive
+theirs from the payload, and a rate-limited body's messages without one get
+one per dead letter and position), a timer's id derives from its timer id,
+and the worker ignores an id its dedup key has seen. Replaying the same dead
+letters twice has no second effect.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Callable
 import orjson
 
 from streams.config import Tenant, TopicFamily
-from streams.domain.intake import REASONS, routing_token
+from streams.domain.intake import EVENT_ID_HEADER, REASONS, derive_id, routing_token
 
 INTAKE, TIMERS, NOTIFICATIONS = "intake", "timers", "notifications"
 GATEWAY_PREFIX = "gateway:"
@@ -211,6 +213,7 @@ class Publish:
     role: str          # topic role in the tenant's family: "intake" or "timers"
     key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ def _skip(why: str) -> Plan:
 
 
 def intake_key(raw: bytes, tenant: Tenant) -> bytes | None:
-    """The Kafka key ``casestream send`` gives an intake line (dedup key or case id; None when invalid)."""
+    """The Kafka key ``casestream send`` gives an intake line (its routing token; None when invalid)."""
     from streams.cli import message_key
 
     return message_key(raw, tenant)[0]
@@ -256,12 +259,24 @@ def _unwrap_envelope(raw: bytes) -> bytes:
     return raw
 
 
-def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dict | None = None) -> Plan:
+def _identity(event_id: str) -> tuple[tuple[str, bytes], ...]:
+    return ((EVENT_ID_HEADER, event_id.encode("utf-8")),)
+
+
+def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dict | None = None,
+         ref: str | None = None) -> Plan:
     """What replaying the dead letter ``record`` publishes (pure: no I/O).
 
     ``gateway_options`` are the translation options of rate-limited gateway
     bodies (``{"dedup_by": "group"}`` for an Alertmanager/Grafana integration
     created with that option; the dead letter does not record them).
+    ``ref``: where the dead letter sits (``PARTITION:OFFSET``), the identity of
+    the messages a rate-limited gateway body translates to.
+
+    Intake messages keep their identity: an explicit ``event_id`` travels in
+    the bytes; otherwise the ``EVENT_ID_HEADER`` carries the id the rejected
+    record had (``event_id`` of the dead letter; for a dead letter written
+    before it recorded one, the id then derived from the bytes).
     """
     if "undecodable" in record:
         return _skip(f"the dead letter itself is {record['undecodable']}")
@@ -278,7 +293,10 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
     if kind in ("intake", "intake-routed"):
         if kind == "intake-routed":
             raw = _unwrap_envelope(raw)
-        return Plan(publish=(Publish(INTAKE, intake_key(raw, tenant), raw),))
+        event_id = record.get("event_id")
+        if not isinstance(event_id, str) or not event_id:
+            event_id = derive_id("intake", raw)  # how records were identified before dead letters kept it
+        return Plan(publish=(Publish(INTAKE, intake_key(raw, tenant), raw, _identity(event_id)),))
     if kind == "timers":
         try:
             timer = orjson.loads(raw)
@@ -317,9 +335,12 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
     if not messages:
         return _skip(f"the {monitor} body translates to no intake message")
     out = []
-    for msg in messages:
+    for i, msg in enumerate(messages):
         value = orjson.dumps(msg)  # the gateway's own encoding: derived ids match
-        out.append(Publish(INTAKE, intake_key(value, tenant), value))
+        # a message without its own id (a canonical event, a PagerDuty trigger): one per dead
+        # letter and position, so replaying the dead letter twice has no second effect
+        headers = _identity(derive_id("dlq-replay", family.name("dlq"), ref, str(i))) if ref else ()
+        out.append(Publish(INTAKE, intake_key(value, tenant), value, headers))
     return Plan(publish=tuple(out))
 
 
@@ -431,9 +452,9 @@ async def read_one(bootstrap: str, topic: str, partition: int, offset: int) -> D
         await stop_consumer(consumer)
 
 
-async def publish(bootstrap: str, messages: list[tuple[str, bytes | None, bytes]],
+async def publish(bootstrap: str, messages: list[tuple],
                   on_acked: Callable[[int], None] | None = None) -> int:
-    """Send ``(topic, key, value)`` in order with acks=all; return once every one is acknowledged.
+    """Send ``(topic, key, value[, headers])`` in order with acks=all; return once every one is acknowledged.
 
     Messages of one key go to one partition in the order given. Raises on
     the first failure (nothing after it may be assumed to have been written).
@@ -446,7 +467,8 @@ async def publish(bootstrap: str, messages: list[tuple[str, bytes | None, bytes]
                                 max_request_size=MAX_REQUEST_BYTES)
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=key) for topic, key, value in messages]
+        futures = [await producer.send(m[0], m[2], key=m[1], headers=list(m[3]) if len(m) > 3 and m[3] else None)
+                   for m in messages]
         for fut in futures:
             await fut
             if on_acked is not None:
@@ -497,12 +519,13 @@ class ReplayReport:
     def replayed(self) -> list[Item]:
         return [i for i in self.items if i.plan.skip is None]
 
-    def messages(self, family: TopicFamily) -> list[tuple[str, bytes | None, bytes]]:
-        return [(family.name(p.role), p.key, p.value) for i in self.replayed for p in i.plan.publish]
+    def messages(self, family: TopicFamily) -> list[tuple[str, bytes | None, bytes, tuple]]:
+        """``(topic, key, value, headers)`` of every message to publish, in order."""
+        return [(family.name(p.role), p.key, p.value, p.headers) for i in self.replayed for p in i.plan.publish]
 
     def by_topic(self, family: TopicFamily) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for topic, _k, _v in self.messages(family):
+        for topic, *_ in self.messages(family):
             counts[topic] = counts.get(topic, 0) + 1
         return counts
 
@@ -553,7 +576,8 @@ async def replay(bootstrap: str, tenant: Tenant, family: TopicFamily, filters: F
     """
     found, read = await read_dead_letters(bootstrap, family.name("dlq"), filters)
     report = ReplayReport(tenant.name, dry_run, read=read)
-    report.items = once([Item(dl, plan(dl.record, tenant, family, gateway_options)) for dl in newest_last(found)])
+    report.items = once([Item(dl, plan(dl.record, tenant, family, gateway_options, dl.ref))
+                         for dl in newest_last(found)])
     messages = report.messages(family)
     if dry_run or not messages:
         return report

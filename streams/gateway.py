@@ -37,7 +37,10 @@ from aiohttp import web
 from streams import metrics
 from streams.config import load_tenants, load_topics
 from streams.domain.auth import RateLimiter, key_tenant, verify_signature
-from streams.domain.intake import MAX_DEPTH, MAX_MESSAGE_BYTES, RATE_LIMITED, Rejection, _depth_ok, parse
+from streams.domain.intake import (
+    MAX_DEPTH, MAX_MESSAGE_BYTES, RATE_LIMITED, RECORD_ID_PENDING, Rejection, _depth_ok, assigned_dedup_key,
+    intake_partition_key, parse,
+)
 from streams.domain.monitors import PayloadError, translate
 from streams.settings import Settings
 
@@ -81,14 +84,16 @@ class Publisher:
                 self._producer = p
             return self._producer
 
-    async def publish(self, tenant: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    async def publish(self, tenant: str, records: list[tuple[bytes | None, bytes]]) -> list[tuple[str, int, int]]:
+        """Publish and wait for every acknowledgement; where each record was placed (topic, partition, offset)."""
         producer = await self._get()
         topic = self.topics[tenant][0]
         try:
             futures = [await producer.send(topic, value, key=key) for key, value in records]
-            await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
+            placed = await asyncio.wait_for(asyncio.gather(*futures), self.timeout)
         except Exception as exc:
             raise Unavailable(f"Kafka did not acknowledge: {exc.__class__.__name__} {exc}") from None
+        return [(topic, md.partition, md.offset) for md in placed]
 
     async def dead_letter(self, tenant: str, record: dict) -> None:
         """Best effort: a refusal is answered whether or not its dead letter could be written."""
@@ -208,19 +213,21 @@ class Gateway:
             messages = translate(kind, body, integration.options)
         except PayloadError as exc:
             return self._fail(kind, 400, "the payload is invalid", exc.errors)
-        records, errors, dedup_keys = [], [], []
+        records, errors = [], []
         received = int(now * 1000)
         tenant = self.tenants[integration.tenant]
+        parsed = []
         for i, msg in enumerate(messages):
             value = orjson.dumps(msg)
-            result = parse(value, tenant, received)
+            result = parse(value, tenant, received, RECORD_ID_PENDING)
             if isinstance(result, Rejection):
                 errors.append({"field": f"[{i}]" if len(messages) > 1 or kind == "events" else "",
                                "message": result.detail})
                 continue
-            key_ = result.dedup_key or result.case_id
-            dedup_keys.append(key_)
-            records.append((key_.encode() if key_ else None, value))
+            parsed.append(result)
+            # keyed by routing token: an alert naming the dedup key and a command naming the case id
+            # land on one partition, in order
+            records.append((intake_partition_key(result, tenant), value))
         if errors:
             return self._fail(kind, 400, "the payload is invalid", errors)
         labels = (integration.tenant, kind)
@@ -246,11 +253,13 @@ class Gateway:
             answer.headers = {"Retry-After": str(retry)}
             return answer
         try:
-            await self.publisher.publish(integration.tenant, records)
+            placed = await self.publisher.publish(integration.tenant, records)
         except Unavailable as exc:
             log.warning("503: %s", exc)
             return self._fail(kind, 503, "intake is unavailable (Kafka did not acknowledge); retry later")
         metrics.GATEWAY_EVENTS.labels(*labels, "accepted").inc(len(records))
+        # a trigger without dedup_key is its own alert, keyed by its record (a fresh key per accepted request)
+        dedup_keys = [assigned_dedup_key(r, *where) or r.case_id for r, where in zip(parsed, placed)]
         if kind == "pagerduty":
             return Answer(202, {"status": "success", "message": "Event processed", "dedup_key": dedup_keys[0]})
         return Answer(202, {"status": "accepted", "events": len(records), "dedup_keys": dedup_keys})
@@ -290,8 +299,11 @@ class Gateway:
         actor = {"id": f"slack:{action.user_id}", "name": action.user_name, "email": None}
         command = {"event_id": derive_id("slack", raw), "command": "set_status", "case_id": case_id,
                    "status": status, "actor": actor}
+        value = orjson.dumps(command)
+        parsed = parse(value, tenant, 0)
+        key = (intake_partition_key(parsed, tenant) if not isinstance(parsed, Rejection) else None) or case_id.encode()
         try:
-            await self.publisher.publish(tenant_name, [(case_id.encode(), orjson.dumps(command))])
+            await self.publisher.publish(tenant_name, [(key, value)])
         except Unavailable as exc:
             log.warning("503: %s", exc)
             return self._fail("slack", 503, "intake is unavailable; press again later")

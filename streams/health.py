@@ -43,3 +43,56 @@ class StallDetector:
 
     def stalled_for(self, now: float) -> float:
         return now - self.last_progress
+
+
+class ShutdownDeadline:
+    """A graceful stop that does not finish in ``seconds`` ends the process anyway.
+
+    Faust stops a worker by flushing its producer and committing; a producer
+    that can never flush (a batch with no leader, a broker gone for good)
+    would keep a SIGTERMed worker alive for ever, and a supervisor waiting
+    for it with it. ``start()`` arms a timer thread (it runs even if the
+    event loop is stuck); ``exit`` is called with a message when it fires
+    (``os._exit``-like: the default ends the process with ``code``)."""
+
+    def __init__(self, seconds: float, code: int = 1, exit=None, log=None):
+        import threading
+
+        self.seconds = seconds
+        self.code = code
+        self._exit = exit
+        self._log = log
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        import threading
+
+        with self._lock:
+            if self._timer is not None or self.seconds <= 0:
+                return
+            self._timer = threading.Timer(self.seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _fire(self) -> None:
+        message = (f"shutdown did not finish within {self.seconds:g} s (CASESTREAM_SHUTDOWN_SECONDS); "
+                   f"exiting with code {self.code}: uncommitted input is processed again by the next owner")
+        if self._log is not None:
+            self._log.error(message)
+            for handler in __import__("logging").getLogger().handlers:
+                try:
+                    handler.flush()
+                except Exception:
+                    pass
+        if self._exit is not None:
+            self._exit(self.code, message)
+        else:
+            import os
+
+            os._exit(self.code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -112,3 +113,25 @@ async def end_offsets(bootstrap: str, topics: list[str]) -> dict:
         return await consumer.end_offsets(tps)
     finally:
         await stop_consumer(consumer)
+
+
+async def track_producer_topics(producer, topics, timeout: float = 10.0) -> bool:
+    """Make an aiokafka ``producer`` keep metadata for ``topics`` (besides those it tracks).
+
+    A new producer tracks no topic in particular (its metadata requests ask for
+    every topic). The first send to a topic it has no metadata for -- a relay
+    topic created after the worker started -- makes it track that topic alone,
+    and the next metadata answer then replaces everything it knew: a batch for
+    a topic it was already writing to finds no leader, the producer asks for
+    metadata ~1 300 times a second for a list without that topic, and a
+    ``flush()`` (Faust's commit) never returns. Tracking every topic a worker
+    writes to, from the start and before the first send to a new one, avoids it.
+    False when ``producer`` is not a started aiokafka producer."""
+    client = getattr(producer, "client", None)
+    if client is None or not hasattr(client, "set_topics"):
+        return False
+    wanted = set(getattr(client, "_topics", ())) | set(topics)
+    if wanted == set(getattr(client, "_topics", ())):
+        return True
+    await asyncio.wait_for(asyncio.shield(client.set_topics(wanted)), timeout)
+    return True

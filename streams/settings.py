@@ -29,6 +29,9 @@ class Settings:
     # partitions. With static membership a restart within it keeps the partitions without a
     # rebalance; a dead member's partitions wait this long. Faust's default, 60 s; tests use a few.
     session_timeout: float = 60.0
+    # a graceful stop (SIGTERM) that has not finished after this many seconds ends the process
+    # anyway (CASESTREAM_SHUTDOWN_SECONDS; 0: wait for ever)
+    shutdown_seconds: float = 30.0
     db_prefix: str = "casestream_"
     projections: tuple[str, ...] = ("postgres", "elasticsearch")
     index_prefix: str = ""
@@ -73,6 +76,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         tenant_name=env.get("TENANT_NAME") or DEFAULT_TENANT,
         stall_seconds=float(env.get("CASESTREAM_STALL_SECONDS", "60")),
         session_timeout=float(env.get("CASESTREAM_SESSION_TIMEOUT", "60")),
+        shutdown_seconds=float(env.get("CASESTREAM_SHUTDOWN_SECONDS", "30")),
         db_prefix=env.get("CASESTREAM_DB_PREFIX", "casestream_"),
         projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres,elasticsearch").split(",")
                           if p.strip()),

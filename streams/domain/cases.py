@@ -213,8 +213,10 @@ def decide(tenant: Tenant, intake: Intake, entry: dict | None, oncall=None) -> D
 
 
 def _reject(reason: str, detail: str, entry: dict | None) -> Decision:
-    # An existing entry is returned so that the rejection is remembered too:
-    # a redelivery then re-sends the same dead letter instead of re-deciding.
+    # The entry is returned so that the rejection is remembered too (a key that never had a
+    # case gets a new, empty one): a redelivery then re-sends the same dead letter instead of
+    # re-deciding against a later state. Only a command naming a case id nobody knows is not
+    # remembered (there is no key to remember it under).
     return Decision(rejection=Rejection(reason, detail), entry=entry)
 
 
@@ -257,9 +259,12 @@ def _decide_alert(tenant: Tenant, intake: Intake, entry: dict | None) -> Decisio
         _evict(b.entry)
         return b.decision(created=[case_id])
     # acknowledge / resolve
-    known = entry if entry["seq"] else None  # a brand-new entry is not stored for a rejection
     if not is_open:
-        return _reject(NO_OPEN_CASE, f"{intake.op} for dedup key {intake.dedup_key!r}, which has no open case", known)
+        # remembered even for a key that never had a case (a brand-new entry is stored): else a
+        # crash that redelivers this record after a later trigger's state was written would apply
+        # it to that trigger's case (found by tests/unit/test_identity_property.py)
+        return _reject(NO_OPEN_CASE, f"{intake.op} for dedup key {intake.dedup_key!r}, which has no open case",
+                       entry)
     target = tenant.actions[intake.op]
     if case["status"] == target:
         return Decision(noop=True, entry=entry)
@@ -280,6 +285,8 @@ def _decide_command(tenant: Tenant, intake: Intake, entry: dict | None) -> Decis
         detail = f"{intake.op}: no {who} in tenant {tenant.name}"
         if entry is not None and intake.case_id:
             detail += f" (stream state keeps the last {MAX_CASES_PER_KEY} cases of a dedup key)"
+        if entry is None and intake.dedup_key:
+            entry = new_entry(intake.dedup_key)  # remembered (see the acknowledge/resolve rejection)
         return _reject(UNKNOWN_CASE, detail, entry)
     b = _Builder(tenant, intake, entry, case)
     cid = case["case_id"]

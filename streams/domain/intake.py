@@ -229,19 +229,41 @@ def _tags(msg: dict) -> list[str]:
     return list(dict.fromkeys(v))  # de-duplicated, order kept
 
 
-def _event_id(msg: dict, raw: bytes) -> str:
+EVENT_ID_HEADER = "casestream-event-id"
+"""A Kafka header naming the identity of an intake record without ``event_id``
+(``casestream dlq replay`` sets it: a replayed record keeps the identity of the
+record it replays, so replaying twice has no second effect)."""
+
+
+RECORD_ID_PENDING = "<the record's>"
+"""``parse(..., record_id=RECORD_ID_PENDING)`` before publishing: an id (and, for a
+trigger without ``dedup_key``, a dedup key) that the record will define once Kafka
+has placed it (``record_event_id``), shown by the gateway and ``casestream send``."""
+
+
+def record_event_id(topic: str, partition: int, offset: int) -> str:
+    """The identity of an intake record that carries no ``event_id``: the record
+    itself. A redelivery (a crash before the commit) has the same coordinates and
+    dedupes; a second send of the same bytes is a second record, a second event."""
+    return derive_id("intake-record", topic, str(partition), str(offset))
+
+
+def _event_id(msg: dict, raw: bytes, record_id: str | None) -> str:
     given = _opt_str(msg, "event_id")
     if given is not None:
         if not given.strip():
             raise _Invalid("'event_id' must not be empty")
         return given
-    # deterministic: the same message bytes always get the same id
+    if record_id is not None:
+        return record_id
+    # not a Kafka record (validation before publishing, tools): a provisional id from
+    # the bytes; the worker gives the record its own (record_event_id)
     return derive_id("intake", raw)
 
 
-def _parse_alert(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> Intake:
+def _parse_alert(msg: dict, raw: bytes, tenant: Tenant, received_ms: int, record_id: str | None) -> Intake:
     action = _enum(msg, "action", ACTIONS, required=True)
-    event_id = _event_id(msg, raw)
+    event_id = _event_id(msg, raw, record_id)
     dedup_key = _opt_str(msg, "dedup_key", MAX_DEDUP_KEY)
     if dedup_key is not None and not dedup_key.strip():
         raise _Invalid("'dedup_key' must not be empty")
@@ -280,9 +302,9 @@ def _parse_alert(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> Int
                   received_ms)
 
 
-def _parse_command(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> Intake:
+def _parse_command(msg: dict, raw: bytes, tenant: Tenant, received_ms: int, record_id: str | None) -> Intake:
     command = _enum(msg, "command", COMMANDS, required=True)
-    event_id = _event_id(msg, raw)
+    event_id = _event_id(msg, raw, record_id)
     case_id = _opt_str(msg, "case_id")
     dedup_key = _opt_str(msg, "dedup_key", MAX_DEDUP_KEY)
     for name, v in (("case_id", case_id), ("dedup_key", dedup_key)):
@@ -313,10 +335,13 @@ def _parse_command(msg: dict, raw: bytes, tenant: Tenant, received_ms: int) -> I
                   received_ms)
 
 
-def parse(raw: bytes | None, tenant: Tenant, received_ms: int) -> Intake | Rejection:
+def parse(raw: bytes | None, tenant: Tenant, received_ms: int, record_id: str | None = None) -> Intake | Rejection:
     """Validate and normalize one intake message.
 
     ``received_ms`` is the Kafka record timestamp; it is the default event time.
+    ``record_id``: the identity of the record when the message has no
+    ``event_id`` (``record_event_id`` of its coordinates, or its
+    ``EVENT_ID_HEADER``); None outside the worker (a provisional id from the bytes).
     """
     if raw is None:
         return Rejection(INVALID_JSON, "empty message (null value)")
@@ -336,9 +361,9 @@ def parse(raw: bytes | None, tenant: Tenant, received_ms: int) -> Intake | Rejec
         if "command" in msg and "action" in msg:
             raise _Invalid("a message is either an alert ('action') or a command ('command'), not both")
         if "command" in msg:
-            return _parse_command(msg, raw, tenant, received_ms)
+            return _parse_command(msg, raw, tenant, received_ms, record_id)
         if "action" in msg:
-            return _parse_alert(msg, raw, tenant, received_ms)
+            return _parse_alert(msg, raw, tenant, received_ms, record_id)
         raise _Invalid("message needs 'action' (trigger | acknowledge | resolve) or 'command'")
     except _Invalid as exc:
         return Rejection(INVALID_EVENT, str(exc))
@@ -347,6 +372,25 @@ def parse(raw: bytes | None, tenant: Tenant, received_ms: int) -> Intake | Rejec
 def routing_token(dedup_key: str) -> str:
     """The partition key of everything about one dedup key (and its cases)."""
     return hashlib.sha256(dedup_key.encode()).hexdigest()[:20]
+
+
+def intake_partition_key(intake: Intake, tenant: Tenant) -> bytes | None:
+    """The Kafka key of an intake message on ``T.intake`` (the gateway, ``casestream send``,
+    dlq replay): its routing token, whether it names the dedup key or the case id, so a
+    command naming the case id and an alert naming its dedup key share a partition and stay
+    in order. None for a case id that cannot be the tenant's (it is dead-lettered anyway)."""
+    if intake.dedup_key == RECORD_ID_PENDING:
+        return None  # a trigger that is its own alert: any partition
+    key = routing_key(intake, tenant)
+    return key.encode() if key is not None else None
+
+
+def assigned_dedup_key(intake: Intake, topic: str, partition: int, offset: int) -> str | None:
+    """The dedup key of ``intake`` (parsed with ``RECORD_ID_PENDING``) once published at
+    ``topic``/``partition``/``offset``: its own, or its record's id for a trigger without one."""
+    if intake.dedup_key == RECORD_ID_PENDING:
+        return record_event_id(topic, partition, offset)
+    return intake.dedup_key
 
 
 def routing_key(intake: Intake, tenant: Tenant) -> str | None:

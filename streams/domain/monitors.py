@@ -15,11 +15,13 @@ Kinds
     A PagerDuty Events API v2 body, validated as PagerDuty does (the errors
     are shaped for its 400 ``invalid event`` answer). ``routing_key`` is
     ignored and copied nowhere (it is a secret; the gateway handles it). A
-    trigger without ``dedup_key`` gets a deterministic one (a hash of the
-    body), so identical re-sends dedupe. A ``payload.timestamp`` without an
-    offset is taken as UTC. ``images`` go to ``custom_details["images"]``
-    (replacing a key of that name); ``client_url`` becomes a link whose text
-    is ``client``. No ``event_id``: the intake derives it from the bytes.
+    trigger without ``dedup_key`` gets none here: the message is its own
+    alert, and its Kafka record defines its id and key (a fresh key per
+    accepted request, returned in the 202, as PagerDuty does). A
+    ``payload.timestamp`` without an offset is taken as UTC. ``images`` go to
+    ``custom_details["images"]`` (replacing a key of that name);
+    ``client_url`` becomes a link whose text is ``client``. No ``event_id``:
+    every accepted event is an event (PagerDuty counts each trigger).
 
 ``alertmanager`` (webhook payload version 4) and ``grafana`` (Grafana Alerting)
     One message per alert: ``firing`` -> trigger, ``resolved`` -> resolve.
@@ -367,11 +369,7 @@ def _pagerduty(body: object) -> list[dict]:
         _add_link(links, client_url, client)
     if images:
         details = {**(details or {}), "images": images}
-    if dedup_key is None:
-        # deterministic: an identical re-send gets the same key (and dedupes); the
-        # routing key (a secret, redacted from dead letters) does not take part
-        dedup_key = derive_id("pagerduty", _canonical_json({k: v for k, v in body.items() if k != "routing_key"}))
-    msg["dedup_key"] = dedup_key
+    msg["dedup_key"] = dedup_key  # None: the record's id (streams.domain.intake.record_event_id)
     msg["custom_details"] = details
     msg["links"] = links or None
     return [_compact(msg)]

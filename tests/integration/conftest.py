@@ -34,7 +34,7 @@ import pytest
 
 from streams.kafka import stop_consumer
 import schemas
-from streams.config import PROJECT_ROOT, load_tenants, load_topics
+from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
 from streams.kafka import create_topics
 from streams.engines import Engines, choose_profile, free_port
 
@@ -235,15 +235,23 @@ class Stack:
 
     # -- publishing -----------------------------------------------------------
 
-    def send(self, tenant: str, messages: list, *, key_by_dedup: bool = True, timestamp_ms: int | None = None) -> None:
+    def send(self, tenant: str, messages: list, *, key_by_dedup: bool = True,
+             timestamp_ms: int | None = None) -> list[str]:
         """Publish intake messages (dicts are JSON-encoded, bytes sent as is),
         with the record timestamp ``timestamp_ms`` when given (the receipt
-        time on-call timers count from)."""
-        asyncio.run(self._send(self.topic(tenant, "intake"), messages, key_by_dedup, timestamp_ms))
+        time on-call timers count from), keyed as ``casestream send`` keys them
+        (``key_by_dedup=False``: no key). Returns each record's identity
+        (``record_event_id``: what a message without ``event_id`` is known by)."""
+        return asyncio.run(self._send(tenant, self.topic(tenant, "intake"), messages, key_by_dedup, timestamp_ms))
 
-    async def _send(self, topic: str, messages: list, key_by_dedup: bool, timestamp_ms: int | None = None) -> None:
+    async def _send(self, tenant: str, topic: str, messages: list, key_by_dedup: bool,
+                    timestamp_ms: int | None = None) -> list[str]:
         from aiokafka import AIOKafkaProducer
 
+        from streams.cli import message_key
+        from streams.domain.intake import record_event_id
+
+        t = get_tenant(tenant)
         producer = AIOKafkaProducer(bootstrap_servers=self.kafka, acks="all",
                                     max_request_size=2 * 1024 * 1024)
         await producer.start()
@@ -251,12 +259,10 @@ class Stack:
             futs = []
             for m in messages:
                 raw = m if isinstance(m, bytes) else orjson.dumps(m)
-                key = None
-                if key_by_dedup and isinstance(m, dict):
-                    k = m.get("dedup_key") or m.get("case_id")
-                    key = k.encode() if k else None
+                key = message_key(raw, t)[0] if key_by_dedup and isinstance(m, dict) else None
                 futs.append(await producer.send(topic, raw, key=key, timestamp_ms=timestamp_ms))
-            await asyncio.gather(*futs)
+            placed = await asyncio.gather(*futs)
+            return [record_event_id(topic, md.partition, md.offset) for md in placed]
         finally:
             await producer.stop()
 

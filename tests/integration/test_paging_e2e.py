@@ -103,9 +103,9 @@ class Pager:
 
     def send(self, msgs: list[dict]) -> None:
         """Publish at the current clock time, and apply to the model too."""
-        self.stack.send(self.tenant_name, msgs, timestamp_ms=self.now)
-        for m in msgs:
-            self.model_events += self.model.handle(parse(orjson.dumps(m), self.tenant, self.now)).events
+        ids = self.stack.send(self.tenant_name, msgs, timestamp_ms=self.now)
+        for m, record_id in zip(msgs, ids):
+            self.model_events += self.model.handle(parse(orjson.dumps(m), self.tenant, self.now, record_id)).events
 
     def at(self, ms: int) -> None:
         self.now = ms

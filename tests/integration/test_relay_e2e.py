@@ -143,3 +143,56 @@ def readme_consumer_prints(stack, topic: str, count: int) -> None:
         proc.kill()
         proc.wait(10)
     assert len(lines) >= count, lines
+
+
+def test_a_subscription_added_under_load_keeps_the_worker_flowing(fresh_stack, tmp_path, run_id):
+    """The reproducer of a hang: the relay topic of a subscription added while alerts flow is created
+    by the worker; the first send to it must not make the producer forget the topics it was writing
+    to (it then never flushed, and Faust's commit waited for ever). Everything sent keeps being
+    applied, the new topic relays, and SIGTERM stops the worker."""
+    import threading
+
+    stack = fresh_stack
+    oncall_dir = tmp_path / "oncall"
+    oncall_dir.mkdir()
+    (oncall_dir / f"{TENANT}.yaml").write_text("subscriptions: []\n")
+    worker = stack.worker(TENANT, env={"CASESTREAM_ONCALL_DIR": str(oncall_dir), "CASESTREAM_TIMER_TICK": "0.1",
+                                       "CASESTREAM_STALL_SECONDS": "600"})
+    sent: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def feed():
+        try:
+            i = 0
+            while not stop.is_set():
+                batch = [{"event_id": f"{run_id}-{i + j}", "action": "trigger", "dedup_key": f"{run_id}/k{i + j}",
+                          "summary": "s"} for j in range(50)]
+                stack.send(TENANT, batch)
+                sent.extend(m["dedup_key"] for m in batch)
+                i += 50
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    mine = lambda r: r.get("dedup_key", "").startswith(f"{run_id}/")  # noqa: E731
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        stack.read(TENANT, "domain-events", mine, count=200)           # under way
+        (oncall_dir / f"{TENANT}.yaml").write_text(
+            "subscriptions:\n  - id: added-live\n    format: json\n    event_types: [CaseCreated]\n")
+        stack.poll(lambda: _relay_exists(stack, "added-live"), lambda ok: ok, what="the new relay topic")
+        at_creation = len(sent)
+        stack.poll(lambda: len(sent), lambda n: n >= at_creation + 1000, what="1 000 more alerts sent")
+    finally:
+        stop.set()
+        feeder.join(60)
+    assert not errors, errors
+    keys = set(sent)
+    created = stack.read(TENANT, "domain-events", mine,
+                         until=lambda rs: {r["dedup_key"] for r in rs if r["type"] == "CaseCreated"} >= keys)
+    assert len({r["dedup_key"] for r in created if r["type"] == "CaseCreated"}) == len(keys)
+    relayed = relay_read(stack, "added-live", "json", mine, 1)
+    assert relayed and relayed[0]["type"] == "CaseCreated"
+    worker.stop()                                                       # SIGTERM, waited for
+    assert worker.proc.returncode == 0, worker.log()

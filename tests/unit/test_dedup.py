@@ -111,7 +111,8 @@ def test_action_without_open_case_is_rejected(name, action):
     assert d.rejection is not None
     assert d.rejection.reason == NO_OPEN_CASE
     assert "never-triggered" in d.rejection.detail
-    assert d.entry is None  # a brand-new key: nothing to store
+    # a brand-new key: an empty entry, stored so that a redelivery is recognised
+    assert d.entry is not None and d.entry["cases"] == {} and d.entry["open_case_id"] is None
     assert d.events == [] and d.cases == {} and d.created == []
 
 
@@ -586,9 +587,9 @@ def test_in_memory_index_maps_created_cases_to_their_key():
     mem.handle(intake(CM, resolve("svc/a", event_id="3")))
     c2 = mem.handle(intake(CM, trigger("svc/a", event_id="4"))).created[0]
     c3 = mem.handle(intake(CM, trigger("svc/b", event_id="5"))).created[0]
-    mem.handle(intake(CM, ack("nope", event_id="6")))               # rejected, brand-new key
+    mem.handle(intake(CM, ack("nope", event_id="6")))               # rejected, brand-new key: remembered
     assert mem.index == {c1: "svc/a", c2: "svc/a", c3: "svc/b"}
-    assert sorted(mem.entries) == ["svc/a", "svc/b"]
+    assert sorted(mem.entries) == ["nope", "svc/a", "svc/b"] and mem.entries["nope"]["cases"] == {}
     assert mem.entries["svc/a"]["seen"] == ["1", "2", "3", "4"]
     assert (mem.entries["svc/a"]["seq"], mem.entries["svc/a"]["open_case_id"]) == (2, c2)
 
@@ -676,13 +677,16 @@ def test_rejection_for_known_key_is_remembered_then_duplicate(name):
 @pytest.mark.parametrize("msg", [ack("fresh", event_id="x"), resolve("fresh", event_id="x"),
                                  command("comment", dedup_key="fresh", text="t", event_id="x")],
                          ids=["ack", "resolve", "command"])
-def test_rejection_for_brand_new_key_is_not_stored(msg):
+def test_rejection_for_brand_new_key_is_remembered(msg):
+    """Else a crash redelivering it after a later trigger was stored would apply it to that case."""
     w = World(OC)
-    for _ in range(2):
-        d = w.send(msg)
-        assert d.rejection is not None and d.rejection.reason in (NO_OPEN_CASE, UNKNOWN_CASE)
-        assert d.entry is None and not d.duplicate  # not remembered: rejected again
-    assert w.entries == {} and w.index == {}
+    d = w.send(msg)
+    assert d.rejection is not None and d.rejection.reason in (NO_OPEN_CASE, UNKNOWN_CASE)
+    assert w.send(msg).duplicate
+    assert w.entries["fresh"]["cases"] == {} and w.index == {}
+    created = w.send(trigger("fresh", event_id="t"))
+    assert [e["type"] for e in created.events] == ["CaseCreated"]
+    assert w.send(msg).duplicate  # redelivered after the trigger: still no effect
 
 
 def test_noop_is_remembered_then_duplicate():
@@ -802,3 +806,16 @@ def test_eviction_keeps_the_last_cases_even_with_backdated_timestamps(monkeypatc
     c3 = w.open_case("k1")
     kept = set(w.key("k1")["cases"])
     assert kept == {c2, c3}, f"kept {sorted(kept)}, not the last two (the oldest is {c1})"
+
+
+def test_the_apply_agent_flushes_before_a_state_forgets_unsent_outputs():
+    """A busy key: more inputs than RECENT_LIMIT since the last flush (in one batch or several)."""
+    from agents.intake import UnflushedOutputs
+    from streams.domain.cases import RECENT_LIMIT
+
+    u = UnflushedOutputs(RECENT_LIMIT)
+    assert not u.add({"a": RECENT_LIMIT, "b": 3})          # every output still re-sendable from the state
+    assert u.add({"a": 1})                                  # the next one would push an unsent one out
+    u.clear()
+    assert not u.add({"a": RECENT_LIMIT})
+    assert UnflushedOutputs(RECENT_LIMIT).add({"a": 500})   # one batch of 500 inputs of one key

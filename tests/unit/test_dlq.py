@@ -12,7 +12,10 @@ from agents.intake import dead_letter, route_message
 from streams import dlq
 from streams.cli import build_parser, message_key
 from streams.config import load_topics
-from streams.domain.intake import Intake, Rejection, parse, routing_token
+from streams.domain.intake import (
+    EVENT_ID_HEADER, RECORD_ID_PENDING, Intake, Rejection, derive_id, intake_partition_key, parse,
+    record_event_id, routing_token,
+)
 from streams.domain.monitors import translate
 
 from helpers import OC, T0
@@ -56,29 +59,44 @@ def test_route_rejections_go_back_to_intake_unchanged(reason):
 @pytest.mark.parametrize("reason", ["no_open_case", "invalid_transition", "unknown_case", "processing_error"])
 def test_apply_rejections_go_back_to_intake_keyed_by_dedup_key(reason):
     pub = only(dlq.plan(record(reason, FAMILY.name("intake-routed"), ACK), OC, FAMILY))
-    assert (pub.role, pub.key, pub.value) == ("intake", b"db/lag", ACK)
+    assert (pub.role, pub.key, pub.value) == ("intake", routing_token("db/lag").encode(), ACK)
     assert pub.key == message_key(ACK, OC)[0]
 
 
-def test_the_replayed_bytes_keep_their_derived_event_id():
-    """No new id: the bytes are the same, so the id derived from them is too."""
+def test_a_replay_keeps_the_identity_of_the_rejected_record():
+    """The bytes go back unchanged; the header carries the id the rejected record had, so the worker
+    sees the same event again (replaying twice has no second effect)."""
+    topic = FAMILY.name("intake")
+    kind, _key, envelope = route_message(OC, topic, 2, 41, T0, None, ACK)
+    first_id = envelope["intake"]["event_id"]
+    assert first_id == record_event_id(topic, 2, 41)
+    rejected = dict(dead_letter(Rejection("no_open_case", "why"), topic, 2, 41, ACK, first_id), dead_lettered_at=T0)
+    pub = only(dlq.plan(rejected, OC, FAMILY))
+    assert pub.value == ACK and pub.headers == ((EVENT_ID_HEADER, first_id.encode()),)
+    _k, _key, again = route_message(OC, topic, 5, 900, T0 + 60_000, pub.key, pub.value, list(pub.headers))
+    assert again["intake"]["event_id"] == first_id
+    # a second send of the same bytes (no header) is a second event
+    _k, _key, other = route_message(OC, topic, 5, 901, T0 + 60_000, pub.key, pub.value)
+    assert other["intake"]["event_id"] != first_id
+
+
+def test_a_dead_letter_written_before_it_kept_the_id_replays_with_the_id_from_the_bytes():
     pub = only(dlq.plan(record("no_open_case", FAMILY.name("intake-routed"), ACK), OC, FAMILY))
-    first, again = parse(ACK, OC, T0), parse(pub.value, OC, T0 + 60_000)
-    assert isinstance(again, Intake) and again.event_id == first.event_id
+    assert pub.headers == ((EVENT_ID_HEADER, derive_id("intake", ACK).encode()),)
 
 
 def test_a_command_by_case_id_is_keyed_by_the_case_id():
     raw = orjson.dumps({"command": "comment", "case_id": f"PG-{routing_token('k')}-1", "text": "hi",
                         "actor": {"id": "u", "name": "U", "email": "u@example.com"}})
     pub = only(dlq.plan(record("unknown_case", FAMILY.name("intake-routed"), raw), OC, FAMILY))
-    assert pub.key == f"PG-{routing_token('k')}-1".encode()
+    assert pub.key == routing_token("k").encode()  # the partition of the alerts of its dedup key
 
 
 def test_a_processing_error_that_kept_the_whole_routed_envelope_replays_its_intake_message():
     _kind, _key, envelope = route_message(OC, FAMILY.name("intake"), 0, 3, T0, None, ACK)
     pub = only(dlq.plan(record("processing_error", FAMILY.name("intake-routed"), orjson.dumps(envelope)),
                         OC, FAMILY))
-    assert pub.value == ACK and pub.key == b"db/lag"
+    assert pub.value == ACK and pub.key == routing_token("db/lag").encode()
 
 
 def test_a_timer_goes_back_to_timers_keyed_by_its_routing_token():
@@ -141,10 +159,15 @@ def test_a_rate_limited_body_is_translated_as_the_gateway_would_have_published_i
     expected = [orjson.dumps(m) for m in translate(kind, json.loads(body))]
     assert p.skip is None and [x.value for x in p.publish] == expected
     for x in p.publish:
-        parsed = parse(x.value, OC, T0)
-        assert isinstance(parsed, Intake) and x.role == "intake" and x.key == parsed.dedup_key.encode()
-    # deterministic: a second replay publishes the very same bytes (same event ids)
+        parsed = parse(x.value, OC, T0, RECORD_ID_PENDING)
+        assert isinstance(parsed, Intake) and x.role == "intake" and x.key == intake_partition_key(parsed, OC)
+    # deterministic: a second replay publishes the very same bytes (same event ids), and messages
+    # without an id of their own get one per dead letter and position
     assert dlq.plan(gateway_record(kind, body, at=T0 + 1), OC, FAMILY) == p
+    at_ref = dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:14")
+    assert at_ref == dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:14")
+    assert [x.headers for x in at_ref.publish] != [x.headers for x in
+                                                   dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:15").publish]
 
 
 def test_pagerduty_routing_keys_are_not_republished():
@@ -158,14 +181,15 @@ def test_canonical_events_bodies_become_one_message_each():
     body = orjson.dumps([{"action": "trigger", "dedup_key": "a", "summary": "A"},
                          {"action": "resolve", "dedup_key": "b"}])
     p = dlq.plan(gateway_record("events", body), OC, FAMILY)
-    assert [(x.role, x.key) for x in p.publish] == [("intake", b"a"), ("intake", b"b")]
+    assert [(x.role, x.key) for x in p.publish] == [("intake", routing_token("a").encode()),
+                                                    ("intake", routing_token("b").encode())]
 
 
 def test_gateway_options_are_passed_to_the_translation():
     body = json.loads(_fixture("alertmanager_firing.json"))
     per_alert = dlq.plan(gateway_record("alertmanager", orjson.dumps(body)), OC, FAMILY)
     grouped = dlq.plan(gateway_record("alertmanager", orjson.dumps(body)), OC, FAMILY, {"dedup_by": "group"})
-    assert len(grouped.publish) == 1 and grouped.publish[0].key == body["groupKey"].encode()
+    assert len(grouped.publish) == 1 and grouped.publish[0].key == routing_token(body["groupKey"]).encode()
     assert len(per_alert.publish) == len(body["alerts"])
 
 
@@ -240,7 +264,8 @@ def test_the_report_counts_what_is_published_and_skipped():
     report = dlq.ReplayReport("on-call", dry_run=True, read=5, items=items)
     out = report.as_json(FAMILY)
     assert out["by_topic"] == {"on-call.intake": 1} and out["messages"] == 1 and out["skipped"] == 1
-    assert out["items"][0]["published"] == [{"topic": "on-call.intake", "key": "db/lag", "bytes": len(ACK)}]
+    assert out["items"][0]["published"] == [{"topic": "on-call.intake", "key": routing_token("db/lag"),
+                                             "bytes": len(ACK)}]
     assert out["skip_reasons"] == {"no original was kept (null)": 1}
 
 
@@ -275,10 +300,12 @@ def test_a_replay_publishes_each_distinct_message_once():
     gw2 = dlq.DeadLetter(1, 2, gateway_record("events", orjson.dumps([{"action": "trigger", "dedup_key": "db/lag",
                                                                        "summary": "A"}, {"action": "trigger",
                                                                        "dedup_key": "db/io", "summary": "C"}])))
-    items = dlq.once([dlq.Item(d, dlq.plan(d.record, OC, FAMILY)) for d in (first, again, other, gw1, gw2)])
-    assert [len(i.plan.publish) for i in items] == [1, 0, 1, 2, 1]
+    items = dlq.once([dlq.Item(d, dlq.plan(d.record, OC, FAMILY, None, d.ref))
+                      for d in (first, again, other, gw1, gw2)])
+    # two rate-limited requests with one identical event are two sends: both go
+    assert [len(i.plan.publish) for i in items] == [1, 0, 1, 2, 2]
     assert items[1].plan.skip == "the same message as dead letter 0:1 (published once)"
-    assert items[4].plan.publish[0].key == b"db/io"
+    assert items[4].plan.publish[1].key == routing_token("db/io").encode()
 
 
 def test_a_failed_notification_is_replayed_as_a_retry_of_the_same_delivery():

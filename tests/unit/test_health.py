@@ -48,3 +48,29 @@ def test_an_idle_worker_is_not_stalled_when_input_arrives():
     assert not d.observe({"a:0": 5}, 1, recovering=False, now=140)  # a message arrives
     assert not d.observe({"a:0": 5}, 1, recovering=False, now=195)
     assert d.observe({"a:0": 5}, 1, recovering=False, now=201)      # waiting > 60 s, not read: stalled
+
+
+def test_a_shutdown_that_hangs_ends_the_process_after_its_deadline():
+    import threading
+
+    from streams.health import ShutdownDeadline
+
+    exited = threading.Event()
+    got = []
+    d = ShutdownDeadline(0.05, code=1, exit=lambda code, msg: (got.append((code, msg)), exited.set()))
+    d.start()
+    d.start()  # a second signal does not arm a second timer
+    assert exited.wait(5), "the deadline never fired"
+    assert got[0][0] == 1 and "did not finish within 0.05 s" in got[0][1] and len(got) == 1
+
+
+def test_a_cancelled_or_disabled_deadline_does_nothing():
+    from streams.health import ShutdownDeadline
+
+    got = []
+    d = ShutdownDeadline(0.05, exit=lambda code, msg: got.append(code))
+    d.start()
+    d.cancel()
+    d._timer.join(5)
+    ShutdownDeadline(0, exit=lambda code, msg: got.append(code)).start()
+    assert got == []

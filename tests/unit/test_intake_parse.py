@@ -9,6 +9,7 @@ import pytest
 
 from helpers import ALICE, CM, OC, T0, TENANTS, command, intake, parse_msg, raw, rejection, trigger
 from streams.domain.intake import (
+    RECORD_ID_PENDING, assigned_dedup_key, intake_partition_key, record_event_id,
     INVALID_EVENT, INVALID_JSON, MAX_DEPTH, MAX_MESSAGE_BYTES, TOO_LARGE, Intake, Rejection, make_case_id,
     parse, routing_key, routing_token, token_from_case_id,
 )
@@ -208,16 +209,51 @@ def test_limits_are_inclusive():
 # --------------------------------------------------------------------------
 
 
-def test_derived_event_id_is_deterministic_from_bytes():
+# The identity rules (README "Event identity"): one test per row.
+
+
+def test_without_event_id_the_record_is_the_identity():
     data = b'{"action": "trigger", "dedup_key": "k", "summary": "s"}'
-    a = parse(data, CM, T0)
-    b = parse(data, CM, T0 + 99_000)  # the received time does not enter the id
-    assert isinstance(a, Intake) and isinstance(b, Intake)
-    assert a.event_id == b.event_id
-    assert uuid.UUID(a.event_id).version == 5
-    other = parse(data.replace(b": ", b":"), CM, T0)  # same JSON, other bytes
-    assert other.event_id != a.event_id
-    assert parse(b'{"action": "trigger", "dedup_key": "k", "summary": "t"}', CM, T0).event_id != a.event_id
+    first = parse(data, CM, T0, record_event_id("cm.intake", 3, 10))
+    redelivered = parse(data, CM, T0 + 99_000, record_event_id("cm.intake", 3, 10))  # a crash before the commit
+    sent_again = parse(data, CM, T0, record_event_id("cm.intake", 3, 11))           # the same bytes, sent again
+    assert first.event_id == redelivered.event_id != sent_again.event_id
+    assert uuid.UUID(first.event_id).version == 5
+    assert record_event_id("cm.intake", 3, 10) not in {record_event_id("cm.intake", 4, 10),
+                                                        record_event_id("oc.intake", 3, 10)}
+
+
+def test_outside_a_record_the_id_is_provisional_from_the_bytes():
+    data = b'{"action": "trigger", "dedup_key": "k", "summary": "s"}'
+    assert parse(data, CM, T0).event_id == parse(data, CM, T0 + 99_000).event_id  # validation, tools
+    assert parse(data, CM, T0, RECORD_ID_PENDING).event_id == RECORD_ID_PENDING
+
+
+def test_an_explicit_event_id_wins_over_the_record():
+    data = b'{"action": "trigger", "dedup_key": "k", "summary": "s", "event_id": "mon-42"}'
+    assert parse(data, CM, T0, record_event_id("cm.intake", 0, 1)).event_id == "mon-42"
+    assert parse(data, CM, T0, record_event_id("cm.intake", 0, 2)).event_id == "mon-42"  # a re-send dedupes
+
+
+def test_a_trigger_without_dedup_key_is_keyed_by_its_record():
+    data = b'{"action": "trigger", "summary": "s"}'
+    a = parse(data, OC, T0, record_event_id("oc.intake", 0, 5))
+    b = parse(data, OC, T0, record_event_id("oc.intake", 0, 6))
+    assert a.dedup_key == a.event_id and b.dedup_key == b.event_id and a.dedup_key != b.dedup_key
+    pending = parse(data, OC, T0, RECORD_ID_PENDING)
+    assert intake_partition_key(pending, OC) is None  # any partition: it is its own alert
+    assert assigned_dedup_key(pending, "oc.intake", 0, 5) == a.dedup_key
+
+
+def test_alerts_and_commands_of_one_case_share_a_partition_key():
+    alert = parse(b'{"action": "acknowledge", "dedup_key": "db/lag"}', OC, T0)
+    cid = f"{OC.case_id_prefix}-{routing_token('db/lag')}-1"
+    command = parse(orjson.dumps({"command": "comment", "case_id": cid, "text": "hi",
+                                  "actor": {"id": "u", "name": None, "email": None}}), OC, T0)
+    assert intake_partition_key(alert, OC) == intake_partition_key(command, OC) == routing_token("db/lag").encode()
+    foreign = parse(orjson.dumps({"command": "comment", "case_id": "CM-abc-1", "text": "hi",
+                                  "actor": {"id": "u", "name": None, "email": None}}), OC, T0)
+    assert intake_partition_key(foreign, OC) is None
 
 
 def test_given_event_id_is_kept():
