@@ -2,22 +2,41 @@
 
 One agent per sink, each its own Faust agent over the domain-event log, so
 a slow or unreachable sink pauses only itself (its ``write_batch`` retries
-with backoff and does not return) while intake keeps flowing.
+with backoff and does not return) while intake keeps flowing. A record the
+sink refused for good is dead-lettered (``projection_rejected``, on the
+tenant's ``T.dlq``) and counted, and the partition keeps flowing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+
+import orjson
 
 import schemas
-from sinks.base import Sink, SinkRecord
+from agents.intake import dead_letter
+from sinks.base import Rejected, Sink, SinkRecord
 from streams import metrics
 from streams.app import Topology
+from streams.domain.intake import PROJECTION_REJECTED, Rejection
 
 log = logging.getLogger("casestream.projections")
 
 BATCH_SIZE = 500
 BATCH_WITHIN = 0.5  # seconds
+
+
+def dead_letter_of(sink: str, rejected: Rejected, now_ms: int) -> dict:
+    """The dead letter of a record ``sink`` refused for good: where the event sits in
+    T.domain-events, and the event (JSON) as its original."""
+    r = rejected.record
+    detail = (f"{sink} refused the document of case {r.event.get('case_id')} (version {r.event.get('version')}): "
+              f"{rejected.reason}")
+    record = dead_letter(Rejection(PROJECTION_REJECTED, detail), r.topic, r.partition, r.offset,
+                         orjson.dumps(r.event))
+    record["dead_lettered_at"] = now_ms
+    return record
 
 
 def register(topo: Topology, sinks: list[Sink]) -> None:
@@ -42,9 +61,14 @@ def _register_one(topo: Topology, app, sink: Sink) -> None:
                                   msg.partition, msg.offset, exc)
                 topo.busy_sinks.add(sink.name)
                 try:
-                    await sink.write_batch(records)  # retries with backoff while the server is down
+                    rejected = await sink.write_batch(records) or []  # retries with backoff while the server is down
                 finally:
                     topo.busy_sinks.discard(sink.name)
-                metrics.PROJECTED.labels(topo.tenant.name, sink.name).inc(len(records))
+                for rej in rejected:  # refused for good: dead letters (Faust flushes them before the offsets commit)
+                    topo.dlq.send_soon(key=str(rej.record.event.get("case_id")).encode(),
+                                       value=orjson.dumps(dead_letter_of(sink.name, rej, int(time.time() * 1000))))
+                    metrics.DLQ_MESSAGES.labels(topo.tenant.name, PROJECTION_REJECTED).inc()
+                    metrics.PROJECTION_REJECTED.labels(topo.tenant.name, sink.name).inc()
+                metrics.PROJECTED.labels(topo.tenant.name, sink.name).inc(len(records) - len(rejected))
         finally:
             await sink.close()

@@ -1,10 +1,13 @@
 """The one small interface every sink sits behind, and its retry policy.
 
 A sink receives batches of decoded domain events with their Kafka
-coordinates. ``write_batch`` either stores the whole batch or raises; while
-the sink's server is unreachable it retries with capped exponential backoff
-and does not return, so the agent feeding it pauses (backpressure) instead
-of dropping or crashing, and catches up by itself when the server is back.
+coordinates. ``write_batch`` stores the whole batch, except the records the
+server refuses for good (a document the index rejects whatever the retry),
+which it returns as ``Rejected`` for the caller to dead-letter; it raises on
+anything else. While the sink's server is unreachable, stopping, overloaded
+or busy it retries with capped exponential backoff and does not return, so
+the agent feeding it pauses (backpressure) instead of dropping or crashing,
+and catches up by itself when the server is back.
 """
 
 from __future__ import annotations
@@ -27,12 +30,20 @@ class SinkRecord:
     event: dict
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A record the sink's server refused for good, and why (one line, the server's words)."""
+
+    record: SinkRecord
+    reason: str
+
+
 class Sink(Protocol):
     name: str
 
     async def open(self) -> None: ...
 
-    async def write_batch(self, records: list[SinkRecord]) -> None: ...
+    async def write_batch(self, records: list[SinkRecord]) -> list[Rejected]: ...
 
     async def flush(self) -> None: ...
 

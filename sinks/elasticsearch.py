@@ -5,7 +5,14 @@ mapping. Each batch: fetch the current documents of the batch's cases
 (``mget``), fold the new events into them with the domain's ``apply``, and
 write them in one ``bulk`` with external versioning on the case ``version``
 -- duplicates and replays are harmless, an older version never overwrites a
-newer one, and a version conflict counts as success. Documents are built
+newer one, and a version conflict counts as success.
+
+Errors: connection errors, timeouts, 429 and 502/503/504 answers (after the
+client's own retries) and bulk items answered 429 or 5xx are transient: the
+batch is retried with the sink's ``Backoff``. A document the index refuses
+for good (any other 4xx bulk item but 409, e.g. a mapping error) is not
+retried: its records are returned as ``Rejected`` and the projection agent
+dead-letters them (``projection_rejected``). Documents are built
 from an allowlist of fields (never by copying the event); people appear by
 id only (names and emails are not indexed).
 
@@ -23,12 +30,13 @@ from __future__ import annotations
 
 import logging
 
-from sinks.base import Backoff, SinkRecord
+from sinks.base import Backoff, Rejected, SinkRecord
 from streams.config import Tenant
 from streams.domain import cases as domain
 
 log = logging.getLogger("casestream.sinks.elasticsearch")
 
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})   # a request answered so: retried with backoff
 KEYWORD = {"type": "keyword"}
 DATE = {"type": "date", "format": "epoch_millis"}
 MAPPING = {
@@ -141,7 +149,8 @@ class ElasticsearchSink:
         if self.client is None:
             self.client = AsyncElasticsearch(self.url, request_timeout=30)
         if self.create:
-            await self.backoff.run(f"elasticsearch open {self.index}", self.ensure_index, self._retry_on())
+            await self.backoff.run(f"elasticsearch open {self.index}", lambda: _transient(self.ensure_index()),
+                                   self._retry_on())
 
     async def ensure_index(self) -> None:
         """The alias ``self.index`` over a concrete index (``<alias>-initial``, after a rebuild
@@ -163,18 +172,21 @@ class ElasticsearchSink:
         await create_index(self.client, concrete)
         await self.client.indices.update_aliases(actions=[{"add": {"index": concrete, "alias": self.index}}])
 
-    async def write_batch(self, records: list[SinkRecord]) -> None:
+    async def write_batch(self, records: list[SinkRecord]) -> list[Rejected]:
+        """The records whose document the index refused for good (the rest is indexed)."""
         if not records:
-            return
+            return []
         if self.client is None:
             await self.open()
-        await self.backoff.run(f"elasticsearch bulk to {self.index}", lambda: self._write(records),
-                               self._retry_on())
+        return await self.backoff.run(f"elasticsearch bulk to {self.index}", lambda: _transient(self._write(records)),
+                                      self._retry_on())
 
-    async def _write(self, records: list[SinkRecord]) -> None:
+    async def _write(self, records: list[SinkRecord]) -> list[Rejected]:
         by_case: dict[str, list[dict]] = {}
+        record_of: dict[tuple[str, int], SinkRecord] = {}
         for r in records:
             by_case.setdefault(r.event["case_id"], []).append(r.event)
+            record_of.setdefault((r.event["case_id"], r.event["version"]), r)
         ids = sorted(by_case)
         got = await self.client.mget(index=self.index, ids=ids)
         unread = [d for d in got.body["docs"] if "error" in d]
@@ -182,6 +194,7 @@ class ElasticsearchSink:
             raise _Retryable(f"mget {unread[0].get('_id')}: {unread[0]['error']}")
         current = {d["_id"]: d["_source"] for d in got.body["docs"] if d.get("found")}
         ops: list[dict] = []
+        folded: list[list[SinkRecord]] = []   # per document written: the records folded into it
         for cid in ids:
             doc = current.get(cid)
             state = state_from_document(doc) if doc else None
@@ -197,19 +210,23 @@ class ElasticsearchSink:
                 log.warning("%s: %s has version %d indexed, next event is %d; left for a replay",
                             self.index, cid, version, evs[0]["version"])
                 continue
+            used = []
             for e in evs:
                 if e["version"] != (state["version"] if state else 0) + 1:
                     break
                 state = domain.apply(self.tenant, state, e)
+                used.append(record_of[(cid, e["version"])])
+            folded.append(used)
             ops.append({"index": {"_index": self.index, "_id": cid, "version": state["version"],
                                   "version_type": "external"}})
             ops.append(document(state))
         if not ops:
-            return
+            return []
         # no explicit refresh: the server refreshes every second by itself (Elasticsearch, and the stand-in too)
         resp = await self.client.bulk(operations=ops, refresh=False)
+        rejected: list[Rejected] = []
         if resp.body.get("errors"):
-            for item in resp.body["items"]:
+            for item, used in zip(resp.body["items"], folded):
                 res = item.get("index", {})
                 status = res.get("status", 200)
                 if status == 409 or status < 300:
@@ -217,7 +234,10 @@ class ElasticsearchSink:
                 if status == 429 or status >= 500:
                     raise _Retryable(f"bulk item {res.get('_id')}: {status} {res.get('error')}")
                 self.skipped += 1
-                log.error("%s: document %s rejected (%s): %s", self.index, res.get("_id"), status, res.get("error"))
+                why = f"bulk item {status}: {_error_text(res.get('error'))}"
+                log.error("%s: document %s refused for good (dead-lettered): %s", self.index, res.get("_id"), why)
+                rejected.extend(Rejected(r, why) for r in used)
+        return rejected
 
     async def flush(self) -> None:
         """Searchable now (a rebuild's end), not at the server's next refresh."""
@@ -231,4 +251,28 @@ class ElasticsearchSink:
 
 
 class _Retryable(Exception):
-    """A bulk item failed in a way worth retrying (429, 5xx)."""
+    """A request or bulk item failed in a way worth retrying (429, 5xx, an unread shard)."""
+
+
+async def _transient(call):
+    """``await call``, with the server's overloaded/unavailable answers (``TRANSIENT_STATUSES``) raised
+    as ``_Retryable`` (the client has retried them already; the sink's backoff takes over)."""
+    from elasticsearch import ApiError
+
+    try:
+        return await call
+    except ApiError as exc:
+        if exc.meta.status in TRANSIENT_STATUSES:
+            raise _Retryable(f"{exc.meta.status} {exc.message}") from exc
+        raise
+
+
+def _error_text(error) -> str:
+    """A bulk item's error, one line: ``type: reason`` (and the cause's)."""
+    if not isinstance(error, dict):
+        return str(error)
+    text = f"{error.get('type')}: {error.get('reason')}"
+    cause = error.get("caused_by")
+    if isinstance(cause, dict):
+        text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+    return " ".join(text.split())[:1000]

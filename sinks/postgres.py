@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from sinks.base import Backoff, SinkRecord
+from sinks.base import Backoff, Rejected, SinkRecord
 from streams.config import Tenant
 from streams.domain import cases as domain
 
@@ -161,6 +161,18 @@ _TIMELINE_INSERT = (
     "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb) ON CONFLICT DO NOTHING")
 
 
+def retry_on() -> tuple[type[BaseException], ...]:
+    """asyncpg errors worth retrying: the server unreachable, starting, stopping or crashed
+    mid-query (AdminShutdown / CrashShutdown, 57P01-57P03), a connection lost or refused, too
+    many connections, and a transaction rolled back by a concurrent one (serialization failure,
+    deadlock: class 40). Anything else (a constraint, a bad query) is a bug: raised."""
+    import asyncpg
+
+    return (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+            asyncpg.TooManyConnectionsError, asyncpg.TransactionRollbackError)
+
+
 class PostgresSink:
     """The tenant's case projection and timeline (see the module docstring)."""
 
@@ -175,12 +187,10 @@ class PostgresSink:
         self.tenant = tenant
         self.backoff = backoff or Backoff()
         self.pool = None
+        self.RETRY_ON = retry_on()
 
     async def open(self) -> None:
         import asyncpg
-
-        self.RETRY_ON = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                         asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 
         async def connect():
             await migrate(self.dsn, self.database)
@@ -188,12 +198,14 @@ class PostgresSink:
 
         await self.backoff.run(f"postgres open {self.database}", connect, self.RETRY_ON)
 
-    async def write_batch(self, records: list[SinkRecord]) -> None:
+    async def write_batch(self, records: list[SinkRecord]) -> list[Rejected]:
+        """Everything or an error: PostgreSQL refuses no record for good (``[]``)."""
         if not records:
-            return
+            return []
         if self.pool is None:
             await self.open()
         await self.backoff.run(f"postgres write to {self.database}", lambda: self._write(records), self.RETRY_ON)
+        return []
 
     async def _write(self, records: list[SinkRecord]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

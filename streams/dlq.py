@@ -25,6 +25,9 @@ How a dead letter is replayed depends on where it came from (``source.topic``):
 * ``gateway:<kind>`` (rate_limited): the monitor's body is translated again
   (``streams.domain.monitors.translate``) and each resulting message goes to
   ``T.intake`` -- byte for byte what the gateway would have published;
+* ``T.domain-events`` (projection_rejected: a document the search index
+  refused) is skipped with what to do instead: the event is still in the
+  log, so the fix is a rebuild (``casestream reindex``), not a re-publish;
 * a record without ``original`` is skipped, and so is a message already
   published by the same replay (a dead letter replayed and rejected again
   sits in the DLQ twice with the same original).
@@ -242,7 +245,7 @@ def source_kind(record: dict, family: TopicFamily) -> str | None:
         return None
     if topic.startswith(GATEWAY_PREFIX):
         return topic
-    for role in ("intake", "intake-routed", "timers", "notifications"):
+    for role in ("intake", "intake-routed", "timers", "notifications", "domain-events"):
         if topic == family.name(role):
             return role
     return None
@@ -281,6 +284,9 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
     if "undecodable" in record:
         return _skip(f"the dead letter itself is {record['undecodable']}")
     kind = source_kind(record, family)
+    if kind == "domain-events":  # projection_rejected: the event is still in the log; re-publishing adds nothing
+        return _skip("a projection refused this domain event; fix the cause, then rebuild the projection "
+                     f"(casestream reindex --tenant {tenant.name}, or casestream replay --from-beginning)")
     if kind is None:
         topic = (record.get("source") or {}).get("topic") if isinstance(record.get("source"), dict) else None
         return _skip(f"unknown source topic {topic!r}: cannot tell where to replay it")

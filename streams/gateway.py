@@ -8,10 +8,13 @@ these, ``--routes query`` only the analyst's view):
 * ``POST /v1/integrations/<key>/alertmanager | grafana | datadog | events``;
 * ``GET /ready`` (Kafka reachable), ``GET /metrics``, ``GET /openapi.json``.
 
-A request goes through, in order: the integration key (unknown, revoked or
+A request goes through, in order: the limiter of failed authentications
+per client address (``AddressLimiter``; -> 429 with ``Retry-After``, before
+anything is looked up), the integration key (unknown, revoked or
 expired -> 401; a key of another monitor kind -> 403), the body size (over
-512 KiB -> 413, before anything is parsed), the signature when the
-integration requires one (``X-Casestream-Signature``; -> 401), JSON and
+512 KiB -> 413, read no further), the signature when the integration
+requires one (``X-Casestream-Signature``; wrong, stale or already used within
+its window -> 401), JSON and
 nesting depth (-> 400), the monitor's format (``streams/domain/monitors.py``;
 -> 400 with field-level errors in the monitor's own response format), the
 canonical intake validation of every resulting event (the worker's own
@@ -26,19 +29,21 @@ deterministic, the worker deduplicates them).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import orjson
 from aiohttp import web
 
 from streams import metrics
 from streams.config import load_tenants, load_topics
-from streams.domain.auth import RateLimiter, key_tenant, verify_signature
+from streams.domain.auth import AddressLimiter, RateLimiter, SeenSignatures, key_tenant, signature_key, verify_signature
 from streams.domain.intake import (
-    MAX_DEPTH, MAX_MESSAGE_BYTES, RATE_LIMITED, RECORD_ID_PENDING, Rejection, _depth_ok, assigned_dedup_key,
+    MAX_DEPTH, MAX_MESSAGE_BYTES, RATE_LIMITED, RECORD_ID_PENDING, Rejection, assigned_dedup_key, decode_json,
     intake_partition_key, parse,
 )
 from streams.domain.monitors import PayloadError, translate
@@ -49,6 +54,7 @@ log = logging.getLogger("casestream.gateway")
 MAX_BODY = MAX_MESSAGE_BYTES           # 512 KiB, as PagerDuty's Events API
 MONITOR_ROUTES = ("alertmanager", "grafana", "datadog", "events")
 SIGNATURE_HEADER = "X-Casestream-Signature"
+UNKNOWN_TENANT = "unknown"             # the metric label of a key whose tenant is not configured (or no key)
 
 
 class Unavailable(Exception):
@@ -125,6 +131,7 @@ class Answer:
     status: int
     body: dict
     headers: dict | None = None
+    tenant: str | None = None          # the authenticated integration's tenant (metrics)
 
 
 def _pd_error(status: int, message: str, errors: list[str] | None = None, label: str = "invalid event") -> Answer:
@@ -144,13 +151,30 @@ def _error(status: int, error: str, message: str, errors: list[dict] | None = No
 class Gateway:
     """The request pipeline, apart from aiohttp (tests drive it over real HTTP)."""
 
-    def __init__(self, settings: Settings, store, limiter: RateLimiter, publisher: Publisher):
+    def __init__(self, settings: Settings, store, limiter: RateLimiter, publisher: Publisher,
+                 clock: Callable[[], float] = time.time):
         self.settings = settings
         self.store = store
         self.limiter = limiter
         self.publisher = publisher
         self.tenants = load_tenants(settings.tenants_file)
+        self.clock = clock                      # unix seconds: signature windows
+        self.seen_signatures = SeenSignatures()  # replays (gateway and Slack signatures)
+        self.addresses = AddressLimiter(settings.rate_per_address)
         self._background: set[asyncio.Task] = set()
+
+    def tenant_label(self, tenant: str | None) -> str:
+        """A metric label: configured tenants by name, anything else under one label (bounded series)."""
+        return tenant if tenant in self.tenants else UNKNOWN_TENANT
+
+    def too_many(self, kind: str, address: str, wait: float) -> Answer:
+        """429 for an address over its limit of failed authentications."""
+        retry = max(1, math.ceil(wait))
+        answer = self._fail(kind, 429, f"too many requests from {address} failing authentication "
+                                       f"({self.addresses.rate:g}/s, burst {self.addresses.burst:g}); "
+                                       f"retry after {retry} s")
+        answer.headers = {"Retry-After": str(retry)}
+        return answer
 
     async def authenticate(self, key: str | None):
         """The key's integration (None: unknown, revoked, expired); PostgreSQL down -> Unavailable."""
@@ -162,7 +186,12 @@ class Gateway:
             log.warning("integration lookup failed: %r", exc)
             raise Unavailable("integration keys cannot be checked (PostgreSQL unavailable); retry later") from None
 
-    def _fail(self, kind: str, status: int, message: str, errors=None) -> Answer:
+    def _fail(self, kind: str, status: int, message: str, errors=None, tenant: str | None = None) -> Answer:
+        answer = self._fail_answer(kind, status, message, errors)
+        answer.tenant = tenant
+        return answer
+
+    def _fail_answer(self, kind: str, status: int, message: str, errors=None) -> Answer:
         if kind == "pagerduty":
             label = {401: "unauthorized", 403: "forbidden", 413: "invalid event", 429: "throttle event",
                      503: "unavailable"}.get(status, "invalid event")
@@ -177,7 +206,7 @@ class Gateway:
 
     async def handle(self, kind: str, key: str | None, raw: bytes, signature: str | None,
                      now: float | None = None) -> Answer:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         body = None
         if kind == "pagerduty":  # the key travels inside the body
             if len(raw) > MAX_BODY:
@@ -198,13 +227,24 @@ class Gateway:
         if integration.kind != kind:
             where = "POST /v2/enqueue" if integration.kind == "pagerduty" else \
                 f"/v1/integrations/<key>/{integration.kind}"
-            return self._fail(kind, 403, f"this key belongs to a {integration.kind} integration; send to {where}")
+            return self._fail(kind, 403, f"this key belongs to a {integration.kind} integration; send to {where}",
+                              tenant=integration.tenant)
         if len(raw) > MAX_BODY:
-            return self._fail(kind, 413, f"body is {len(raw)} bytes; the limit is {MAX_BODY}")
+            return self._fail(kind, 413, f"body is {len(raw)} bytes; the limit is {MAX_BODY}",
+                              tenant=integration.tenant)
         if integration.signing_secret:
-            why = verify_signature(integration.signing_secret, signature, raw, int(now))
+            why = verify_signature(integration.signing_secret, signature, raw, int(now), seen=self.seen_signatures)
             if why is not None:
-                return self._fail(kind, 401, f"{SIGNATURE_HEADER}: {why}")
+                return self._fail(kind, 401, f"{SIGNATURE_HEADER}: {why}", tenant=integration.tenant)
+        answer = await self._accept(kind, integration, raw, body, now)
+        answer.tenant = integration.tenant
+        if integration.signing_secret and answer.status in (429, 503):
+            # nothing was accepted: sending the same signed request again is a retry, not a replay
+            self.seen_signatures.release(signature_key(integration.signing_secret, signature, raw))
+        return answer
+
+    async def _accept(self, kind: str, integration, raw: bytes, body, now: float) -> Answer:
+        """An authenticated request: parse, translate, validate, limit, publish."""
         if body is None:
             body, bad = self._json(raw)
             if bad:
@@ -267,21 +307,27 @@ class Gateway:
     async def slack_action(self, key: str, raw: bytes | None, headers) -> Answer:
         """A Slack button press: verify Slack's signature, publish the acknowledge / resolve command
         (the Slack user as actor) to T.intake, then update the message through ``response_url``."""
-        from streams.domain import slack
-        from streams.domain.intake import derive_id
-
         try:
             integration = await self.authenticate(key)
         except Unavailable as exc:
             return self._fail("slack", 503, str(exc))
         if integration is None:
             return self._fail("slack", 401, "unknown, revoked or expired integration key")
+        answer = await self._slack_action(integration, raw, headers)
+        answer.tenant = integration.tenant
+        return answer
+
+    async def _slack_action(self, integration, raw: bytes | None, headers) -> Answer:
+        from streams.domain import slack
+        from streams.domain.intake import derive_id
+
         if integration.kind != "slack":
             return self._fail("slack", 403, f"this key belongs to a {integration.kind} integration")
         if raw is None:
             return self._fail("slack", 413, f"body over {MAX_BODY} bytes")
         why = slack.verify_slack_signature(integration.signing_secret or "", headers.get("X-Slack-Request-Timestamp"),
-                                           headers.get("X-Slack-Signature"), raw, int(time.time()))
+                                           headers.get("X-Slack-Signature"), raw, int(self.clock()),
+                                           seen=self.seen_signatures)
         if why is not None:
             return self._fail("slack", 401, f"Slack signature: {why}")
         try:
@@ -333,15 +379,7 @@ class Gateway:
 
     @staticmethod
     def _json(raw: bytes) -> tuple[object, str | None]:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            if "recursion" in str(exc).lower():
-                return None, f"JSON nested deeper than {MAX_DEPTH} levels"
-            return None, f"not valid JSON: {exc}"
-        if not _depth_ok(body, MAX_DEPTH):
-            return None, f"JSON nested deeper than {MAX_DEPTH} levels"
-        return body, None
+        return decode_json(raw, MAX_DEPTH)
 
 
 def _redacted(kind: str, body: object, raw: bytes) -> str:
@@ -352,11 +390,50 @@ def _redacted(kind: str, body: object, raw: bytes) -> str:
 
 
 async def _read_body(request: web.Request) -> bytes | None:
-    """The body, or None when it is over MAX_BODY (read no further than that)."""
+    """The whole body, or None when it is over MAX_BODY (read no further than that).
+
+    ``content.read(n)`` returns what has arrived so far, so it is read until
+    the end of the body (Content-Length or the last chunk) or past the limit."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         return None
-    data = await request.content.read(MAX_BODY + 1)
-    return None if len(data) > MAX_BODY else data
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        part = await request.content.read(MAX_BODY + 1 - size)
+        if not part:  # the end of the body
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+        if size > MAX_BODY:
+            return None
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[str, ...]) -> str:
+    """Whom the per-address limiter counts: the peer, or -- when the peer is a proxy in ``trusted``
+    (CIDRs, ``CASESTREAM_TRUSTED_PROXIES``) -- the last address in ``X-Forwarded-For`` that is not a
+    trusted proxy itself. IPv6 addresses count per /64."""
+    def parse(text):
+        try:
+            return ipaddress.ip_address(text.strip())
+        except ValueError:
+            return None
+
+    nets = [ipaddress.ip_network(n) for n in trusted]
+    addr = parse(peer) if peer else None
+    if addr is None:
+        return peer or "unknown"
+    if forwarded_for and any(addr in n for n in nets):
+        hops = [parse(h) for h in forwarded_for.split(",")]
+        if hops and all(h is not None for h in hops):
+            for hop in reversed(hops):
+                addr = hop
+                if not any(hop in n for n in nets):
+                    break
+    if addr.version == 6:
+        if addr.ipv4_mapped:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
@@ -372,8 +449,26 @@ def add_intake_routes(app: web.Application, settings: Settings, store=None, limi
     publisher = publisher or Publisher(settings.kafka_bootstrap_servers, tenants)
     gw = Gateway(settings, store, limiter, publisher)
 
+    def address_of(request: web.Request) -> str:
+        return client_address(request.remote, request.headers.get("X-Forwarded-For"), settings.trusted_proxies)
+
     async def respond(kind: str, key: str | None, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        address = address_of(request)
+        wait = gw.addresses.take(address, time.monotonic())
+        if wait:
+            answer = gw.too_many(kind, address, wait)
+        else:
+            answer = await answer_request(kind, key, request)
+            if answer.status != 401:  # only failed authentications use the address's tokens up
+                gw.addresses.give_back(address, time.monotonic())
+        metrics.GATEWAY_REQUESTS.labels(gw.tenant_label(answer.tenant or (key_tenant(key) if key else None)),
+                                        kind, str(answer.status)).inc()
+        metrics.GATEWAY_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        return web.Response(body=orjson.dumps(answer.body), status=answer.status, headers=answer.headers,
+                            content_type="application/json")
+
+    async def answer_request(kind: str, key: str | None, request: web.Request) -> Answer:
         raw = await _read_body(request)
         if raw is None:
             # over the limit: answered without reading or parsing the rest (the key is still checked first)
@@ -387,11 +482,7 @@ def add_intake_routes(app: web.Application, settings: Settings, store=None, limi
                 answer = gw._fail(kind, 503, str(exc))
         else:
             answer = await gw.handle(kind, key, raw, request.headers.get(SIGNATURE_HEADER))
-        tenant = key_tenant(key) if key else None
-        metrics.GATEWAY_REQUESTS.labels(tenant or "-", kind, str(answer.status)).inc()
-        metrics.GATEWAY_SECONDS.labels(kind).observe(time.perf_counter() - started)
-        return web.Response(body=orjson.dumps(answer.body), status=answer.status, headers=answer.headers,
-                            content_type="application/json")
+        return answer
 
     async def enqueue(request: web.Request) -> web.Response:
         return await respond("pagerduty", None, request)
@@ -414,12 +505,21 @@ def add_intake_routes(app: web.Application, settings: Settings, store=None, limi
         await store.close()
 
     async def slack_actions(request: web.Request) -> web.Response:
-        answer = await gw.slack_action(request.match_info["key"], await _read_body(request), request.headers)
-        metrics.GATEWAY_REQUESTS.labels(key_tenant(request.match_info["key"]) or "-", "slack",
+        key = request.match_info["key"]
+        address = address_of(request)
+        wait = gw.addresses.take(address, time.monotonic())
+        if wait:
+            answer = gw.too_many("slack", address, wait)
+        else:
+            answer = await gw.slack_action(key, await _read_body(request), request.headers)
+            if answer.status != 401:
+                gw.addresses.give_back(address, time.monotonic())
+        metrics.GATEWAY_REQUESTS.labels(gw.tenant_label(answer.tenant or key_tenant(key)), "slack",
                                         str(answer.status)).inc()
         if answer.status == 200:
             return web.Response(status=200)  # Slack wants a quick empty 200; the message is updated apart
-        return web.Response(body=orjson.dumps(answer.body), status=answer.status, content_type="application/json")
+        return web.Response(body=orjson.dumps(answer.body), status=answer.status, headers=answer.headers,
+                            content_type="application/json")
 
     app.router.add_post("/v2/enqueue", enqueue)
     app.router.add_post("/v1/integrations/{key}/slack/actions", slack_actions)

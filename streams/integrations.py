@@ -21,6 +21,10 @@ stored as it is, because the verifier has to recompute the HMAC with it.
 hash for ``cache_seconds`` (5 s by default) -- valid keys, and unknown,
 expired or revoked ones alike, so a flood of bad keys does not reach
 PostgreSQL either -- and concurrent look-ups of one key share one query.
+Misses are kept apart (at most ``MAX_MISSES``, the oldest dropped first), so
+a flood of made-up keys can never push valid keys out of the cache; how
+many *different* made-up keys reach PostgreSQL is bounded by the gateway's
+limiter of failed authentications per client address.
 Consequence: a revocation or rotation takes effect in *other* processes (each
 gateway instance has its own cache) within ``cache_seconds``; the process
 that revokes or rotates drops its own cached entries at once. A positive
@@ -89,6 +93,7 @@ class IntegrationStore:
     """Integrations of the tenants named by ``tenants`` (names, or a mapping keyed by name)."""
 
     MAX_CACHE = 100_000
+    MAX_MISSES = 10_000
     POOL_MAX = 4
 
     def __init__(self, dsn: str, db_prefix: str, tenants: Iterable[str], cache_seconds: float = 5.0,
@@ -101,6 +106,7 @@ class IntegrationStore:
         self._pools: dict[str, object] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._cache: dict[str, tuple[float, Integration | None]] = {}   # key hash -> (expires, result)
+        self._misses: dict[str, float] = {}     # key hash -> expires: unknown, expired or revoked keys
         self._inflight: dict[str, asyncio.Future] = {}
 
     # -- plumbing ---------------------------------------------------------------
@@ -263,6 +269,11 @@ class IntegrationStore:
             if hit[0] > self._clock():
                 return hit[1]
             del self._cache[h]
+        miss = self._misses.get(h)
+        if miss is not None:
+            if miss > self._clock():
+                return None
+            del self._misses[h]
         fut = self._inflight.get(h)
         if fut is None:
             fut = asyncio.ensure_future(self._lookup(tenant, h))
@@ -276,13 +287,7 @@ class IntegrationStore:
             fut.exception()  # retrieved: no "never retrieved" noise when every waiter has gone
 
     async def _lookup(self, tenant: str, h: str) -> Integration | None:
-        pool = await self._pool(tenant)
-        row = await pool.fetchrow(
-            "SELECT i.id, i.kind, i.name, i.options::text AS options, i.signing_secret, i.created_at, "
-            "i.revoked_at, EXTRACT(EPOCH FROM k.expires_at - now())::float8 AS remaining "
-            "FROM integration_keys k JOIN integrations i ON i.id = k.integration_id "
-            "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND i.revoked_at IS NULL "
-            "AND (k.expires_at IS NULL OR k.expires_at > now())", h)
+        row = await self._fetch(tenant, h)
         result = None
         ttl = self.cache_seconds
         if row is not None:
@@ -291,8 +296,31 @@ class IntegrationStore:
             if row["remaining"] is not None:
                 ttl = min(ttl, row["remaining"])
         if ttl > 0:
-            self._remember(h, self._clock() + ttl, result)
+            if result is None:
+                self._remember_miss(h, self._clock() + ttl)
+            else:
+                self._remember(h, self._clock() + ttl, result)
         return result
+
+    async def _fetch(self, tenant: str, h: str):
+        """The row of a valid key's integration (None: unknown, expired or revoked): one query."""
+        pool = await self._pool(tenant)
+        return await pool.fetchrow(
+            "SELECT i.id, i.kind, i.name, i.options::text AS options, i.signing_secret, i.created_at, "
+            "i.revoked_at, EXTRACT(EPOCH FROM k.expires_at - now())::float8 AS remaining "
+            "FROM integration_keys k JOIN integrations i ON i.id = k.integration_id "
+            "WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND i.revoked_at IS NULL "
+            "AND (k.expires_at IS NULL OR k.expires_at > now())", h)
+
+    def _remember_miss(self, h: str, expires: float) -> None:
+        if len(self._misses) >= self.MAX_MISSES:
+            now = self._clock()
+            for k in [k for k, e in self._misses.items() if e <= now]:
+                del self._misses[k]
+            while len(self._misses) >= self.MAX_MISSES:  # still full: the oldest go
+                del self._misses[next(iter(self._misses))]
+        self._misses.pop(h, None)
+        self._misses[h] = expires
 
     def _remember(self, h: str, expires: float, result: Integration | None) -> None:
         if len(self._cache) >= self.MAX_CACHE:
@@ -307,5 +335,6 @@ class IntegrationStore:
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
         self._cache.clear()
+        self._misses.clear()
         for p in pools:
             await p.close()

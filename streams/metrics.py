@@ -14,6 +14,10 @@ DUPLICATES = Counter(
     "casestream_intake_duplicates_total", "Intake messages already applied (redeliveries).", ["tenant"])
 PROJECTED = Counter(
     "casestream_projected_events_total", "Domain events written to a sink.", ["tenant", "sink"])
+PROJECTION_REJECTED = Counter(
+    "casestream_projection_rejected_events_total",
+    "Domain events a sink refused for good (their document rejected by the index), dead-lettered "
+    "projection_rejected.", ["tenant", "sink"])
 APPLY_SECONDS = Histogram(
     "casestream_apply_duration_seconds", "Time to decide and apply one batch of routed intake messages.", ["tenant"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))

@@ -40,6 +40,10 @@ class Settings:
     timer_tick: float = 0.5               # seconds between scans for due timers
     rate_per_integration: tuple[float, float] = (50.0, 500.0)   # gateway: events/s, burst
     rate_per_tenant: tuple[float, float] = (500.0, 5000.0)
+    # failed authentications per client address (requests/s, burst), checked before a key is looked up
+    rate_per_address: tuple[float, float] = (10.0, 100.0)
+    # proxies (CIDRs) whose X-Forwarded-For names the client address (default: none, the peer is the client)
+    trusted_proxies: tuple[str, ...] = ()
     # response_url prefixes the gateway may post Slack message updates to besides https://hooks.slack.com/
     # (tests: a local receiver)
     slack_response_prefixes: tuple[str, ...] = ()
@@ -86,9 +90,29 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         timer_tick=float(env.get("CASESTREAM_TIMER_TICK", "0.5")),
         rate_per_integration=_rate(env, "CASESTREAM_RATE_PER_INTEGRATION", "50/500"),
         rate_per_tenant=_rate(env, "CASESTREAM_RATE_PER_TENANT", "500/5000"),
+        rate_per_address=_rate(env, "CASESTREAM_RATE_PER_ADDRESS", "10/100"),
+        trusted_proxies=_networks(env, "CASESTREAM_TRUSTED_PROXIES"),
         slack_response_prefixes=tuple(p.strip() for p in env.get("CASESTREAM_SLACK_RESPONSE_PREFIXES", "").split(",")
                                       if p.strip()),
     )
+
+
+def _networks(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDRs (``10.0.0.0/8, 192.0.2.7``)."""
+    import ipaddress
+
+    out = []
+    for part in env.get(name, "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            from streams.config import ConfigError
+
+            raise ConfigError(f"{name}: {part!r} is not an address or CIDR; give e.g. 10.0.0.0/8,192.0.2.7") from None
+    return tuple(out)
 
 
 def _rate(env: dict[str, str], name: str, default: str) -> tuple[float, float]:

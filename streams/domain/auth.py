@@ -15,8 +15,10 @@ Signatures (optional per integration)
     ``f"{t}.".encode() + raw_body`` with the integration's signing secret
     (``whsec_...``). Several ``v1=`` values may be sent (the sender rotating
     its secret); one match is enough. The timestamp must lie within the
-    tolerance (300 s) of the receiver's clock, both ways, which bounds
-    replays. Comparison is constant-time. Unlike keys, signing secrets are
+    tolerance (300 s) of the receiver's clock, both ways, and within that
+    window a signature is accepted once (``SeenSignatures``: a replay of a
+    request that was accepted is refused). Comparison is constant-time.
+    Unlike keys, signing secrets are
     stored as they are: the verifier must recompute the HMAC, so it needs the
     secret itself, not a hash of it.
 
@@ -25,11 +27,16 @@ Rate limits
     (seconds, any monotonic origin). The limiter lives in one process: every
     gateway instance has its own buckets, so N instances behind a load
     balancer admit up to N times the configured rates in total.
+    ``AddressLimiter`` runs before a key is looked up: a bucket per client
+    address, from which every request takes a token and an authenticated one
+    gives it back, so only failed authentications (unknown keys, bad
+    signatures) use it up and a flood of made-up keys cannot reach PostgreSQL.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import math
 import re
@@ -48,6 +55,7 @@ _MAX_HEADER = 8192
 MISSING = "missing signature"
 MALFORMED = "malformed signature header"
 MISMATCH = "signature mismatch"
+REPLAYED = "signature already used (a replay); sign each request anew"
 
 
 # --------------------------------------------------------------------------
@@ -92,18 +100,8 @@ def sign(secret: str, body: bytes, t: int) -> str:
     return f"t={int(t)},{SIGNATURE_VERSION}={_mac(secret, body, int(t))}"
 
 
-def verify_signature(secret: str, header: str | None, body: bytes, now: int,
-                     tolerance: int = DEFAULT_TOLERANCE) -> str | None:
-    """None when ``header`` signs ``body`` with ``secret`` at a time within
-    ``tolerance`` seconds of ``now``; else a short reason: "missing
-    signature", "malformed signature header", "signature mismatch" or
-    "timestamp outside the <tolerance> s tolerance".
-
-    The header is ``t=<unix seconds>`` and one or more ``v1=<hex>``
-    (comma-separated, spaces allowed); other schemes (``v0=``) are ignored.
-    The signature is checked before the timestamp, so a sender with a skewed
-    clock is told about the clock, and a wrong secret is told "mismatch".
-    """
+def _parse_header(header: str | None) -> tuple[int, list[bytes]] | str:
+    """``(t, v1 values)`` of a signature header, or the reason it is unusable."""
     if header is None or not header.strip():
         return MISSING
     if len(header) > _MAX_HEADER:
@@ -123,7 +121,40 @@ def verify_signature(secret: str, header: str | None, body: bytes, now: int,
             candidates.append(value.encode("ascii", "replace"))
     if t is None or not candidates:
         return MALFORMED
-    expected = _mac(secret, body, t).encode()
+    return t, candidates
+
+
+def signature_key(secret: str, header: str | None, body: bytes) -> str | None:
+    """What ``SeenSignatures`` records of a signature ``verify_signature`` accepted
+    (the MAC of its timestamp and body: any header carrying it is the same
+    signature); None for a header that is not usable."""
+    parsed = _parse_header(header)
+    if isinstance(parsed, str):
+        return None
+    return f"{SIGNATURE_VERSION}:{_mac(secret, body, parsed[0])}"
+
+
+def verify_signature(secret: str, header: str | None, body: bytes, now: int,
+                     tolerance: int = DEFAULT_TOLERANCE, seen: SeenSignatures | None = None) -> str | None:
+    """None when ``header`` signs ``body`` with ``secret`` at a time within
+    ``tolerance`` seconds of ``now``; else a short reason: "missing
+    signature", "malformed signature header", "signature mismatch",
+    "timestamp outside the <tolerance> s tolerance" or (with ``seen``)
+    ``REPLAYED``.
+
+    The header is ``t=<unix seconds>`` and one or more ``v1=<hex>``
+    (comma-separated, spaces allowed); other schemes (``v0=``) are ignored.
+    The signature is checked before the timestamp, so a sender with a skewed
+    clock is told about the clock, and a wrong secret is told "mismatch".
+    With ``seen``, a good signature is recorded there until its window ends
+    and refused as a replay when it comes again (only good ones are recorded).
+    """
+    parsed = _parse_header(header)
+    if isinstance(parsed, str):
+        return parsed
+    t, candidates = parsed
+    mac = _mac(secret, body, t)
+    expected = mac.encode()
     matched = False
     for c in candidates:  # no early exit: the time taken does not say which value matched
         matched |= hmac.compare_digest(expected, c)
@@ -131,7 +162,65 @@ def verify_signature(secret: str, header: str | None, body: bytes, now: int,
         return MISMATCH
     if abs(int(now) - t) > tolerance:
         return f"timestamp outside the {tolerance:g} s tolerance"
+    if seen is not None and not seen.claim(f"{SIGNATURE_VERSION}:{mac}", t + tolerance + 1, now):
+        return REPLAYED
     return None
+
+
+class SeenSignatures:
+    """Signatures accepted lately, each kept until its window ends: a second
+    use within the window is a replay.
+
+    ``claim(key, expires, now)`` records ``key`` until ``expires`` (seconds,
+    the clock ``now`` is on) and says whether it was new; entries due by
+    ``now`` are dropped on every call. At most ``max_entries`` are kept: when
+    full, the entry closest to its end goes (memory stays bounded; only
+    holders of a secret can add entries, so this takes more good signatures
+    within one window than a gateway accepts). ``release(key)`` forgets a
+    claim (the request it came with was not accepted: a retry is no replay).
+    In this process only (like the rate limits); not thread-safe.
+    """
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, max_entries: int = MAX_ENTRIES):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._expires: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []   # (expires, key); entries not in _expires are stale
+
+    def __len__(self) -> int:
+        return len(self._expires)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._expires
+
+    def __iter__(self):
+        return iter(list(self._expires))
+
+    def _pop(self) -> None:
+        expires, key = heapq.heappop(self._heap)
+        if self._expires.get(key) == expires:
+            del self._expires[key]
+
+    def claim(self, key: str, expires: float, now: float) -> bool:
+        while self._heap and self._heap[0][0] <= now:
+            self._pop()
+        if key in self._expires:
+            return False
+        while len(self._expires) >= self.max_entries:
+            self._pop()
+        self._expires[key] = expires
+        heapq.heappush(self._heap, (expires, key))
+        if len(self._heap) > 2 * self.max_entries + 8:   # released claims left stale heap entries
+            self._heap = [(e, k) for k, e in self._expires.items()]
+            heapq.heapify(self._heap)
+        return True
+
+    def release(self, key: str | None) -> None:
+        if key is not None:
+            self._expires.pop(key, None)
 
 
 # --------------------------------------------------------------------------
@@ -182,6 +271,11 @@ class TokenBucket:
         if w == 0.0:
             self.tokens -= n
         return w
+
+    def give(self, n: int, now: float) -> None:
+        """Put ``n`` taken tokens back (never above the burst)."""
+        self._refill(now)
+        self.tokens = min(self.burst, self.tokens + n)
 
     def full(self, now: float) -> bool:
         """True when the bucket is as good as new (it may be forgotten)."""
@@ -259,3 +353,43 @@ class RateLimiter:
         if math.isinf(w):
             return Refusal(scope, subject, rate, burst, 0.0, n, True)
         return Refusal(scope, subject, rate, burst, w, n, False)
+
+
+class AddressLimiter:
+    """A token bucket per client address, in front of authentication.
+
+    ``take(address, now)`` takes a token (0.0) or says how many seconds until
+    one is there (nothing taken); ``give_back(address, now)`` returns the
+    token of a request that turned out to be authenticated. So a sender with
+    a good key is never slowed here, and an address failing authentication
+    gets ``rate`` failures per second after a burst. At most ``MAX_BUCKETS``
+    addresses are tracked: refilled buckets are forgotten first, then the
+    oldest (memory stays bounded; a forgotten address starts full again).
+    """
+
+    MAX_BUCKETS = 10_000
+
+    def __init__(self, limits: tuple[float, float] = (10, 100), max_buckets: int = MAX_BUCKETS):
+        TokenBucket(*limits)  # validate now
+        self.rate, self.burst = float(limits[0]), float(limits[1])
+        self.max_buckets = max_buckets
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, address: str, now: float) -> float:
+        b = self._buckets.get(address)
+        if b is None:
+            if len(self._buckets) >= self.max_buckets:
+                for k in [k for k, v in self._buckets.items() if v.full(now)]:
+                    del self._buckets[k]
+                while len(self._buckets) >= self.max_buckets:
+                    del self._buckets[next(iter(self._buckets))]
+            b = self._buckets[address] = TokenBucket(self.rate, self.burst)
+        return b.take(1, now)
+
+    def give_back(self, address: str, now: float) -> None:
+        b = self._buckets.get(address)
+        if b is not None:
+            b.give(1, now)

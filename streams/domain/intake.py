@@ -50,8 +50,11 @@ PROCESSING_ERROR = "processing_error"
 RATE_LIMITED = "rate_limited"
 # a notification failed for good (permanent error, or retries exhausted); replay retries it
 NOTIFICATION_FAILED = "notification_failed"
+# a projection refused a domain event for good (the search index rejected its case's document); the
+# event stays in T.domain-events: fix the cause, then rebuild the projection (casestream reindex)
+PROJECTION_REJECTED = "projection_rejected"
 REASONS = (INVALID_JSON, INVALID_EVENT, TOO_LARGE, NO_OPEN_CASE, INVALID_TRANSITION, UNKNOWN_CASE, PROCESSING_ERROR,
-           RATE_LIMITED, NOTIFICATION_FAILED)
+           RATE_LIMITED, NOTIFICATION_FAILED, PROJECTION_REJECTED)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,43 @@ def _depth_ok(value: Any, limit: int) -> bool:
             return False
         stack.extend((x, d + 1) for x in children if isinstance(x, (dict, list)))
     return True
+
+
+# a JSON string (skipped whole: brackets inside it add no depth) or one bracket
+_JSON_TOKEN_RE = re.compile(rb'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
+_OPENING = frozenset(b"[{")
+
+
+def too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True when the text ``raw`` opens more than ``limit`` objects/arrays at once.
+
+    Read from the bytes (strings skipped), not from the parser's error: the
+    parser's own limit and its wording are not ours (orjson said "recursion
+    limit", now says "depth limit exceeded"). Meant for text the parser
+    refused; unbalanced text counts what it opens."""
+    depth = 0
+    for m in _JSON_TOKEN_RE.finditer(raw):
+        c = m.group()[0]
+        if c in _OPENING:
+            depth += 1
+            if depth > limit:
+                return True
+        elif c != 0x22:  # a closing bracket
+            depth -= 1
+    return False
+
+
+def decode_json(raw: bytes, limit: int = MAX_DEPTH) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, why)`` for text that is not JSON or nests deeper than ``limit``."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if too_deep(raw, limit):
+            return None, f"JSON nested deeper than {limit} levels"
+        return None, f"not valid JSON: {exc}"
+    if not _depth_ok(value, limit):
+        return None, f"JSON nested deeper than {limit} levels"
+    return value, None
 
 
 def _opt_str(msg: dict, key: str, limit: int = MAX_SHORT, *, required: bool = False) -> str | None:
@@ -347,14 +387,9 @@ def parse(raw: bytes | None, tenant: Tenant, received_ms: int, record_id: str | 
         return Rejection(INVALID_JSON, "empty message (null value)")
     if len(raw) > MAX_MESSAGE_BYTES:
         return Rejection(TOO_LARGE, f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-    try:
-        msg = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if "recursion" in str(exc).lower():
-            return Rejection(INVALID_JSON, f"JSON nested deeper than {MAX_DEPTH} levels")
-        return Rejection(INVALID_JSON, f"not valid JSON: {exc}")
-    if not _depth_ok(msg, MAX_DEPTH):
-        return Rejection(INVALID_JSON, f"JSON nested deeper than {MAX_DEPTH} levels")
+    msg, bad = decode_json(raw)
+    if bad is not None:
+        return Rejection(INVALID_JSON, bad)
     if not isinstance(msg, dict):
         return Rejection(INVALID_EVENT, f"message must be a JSON object, got {type(msg).__name__}")
     try:

@@ -22,7 +22,8 @@ Verification (``verify_slack_signature``): Slack signs each request with
 ``X-Slack-Signature: v0=<hex HMAC-SHA256(signing_secret,
 f"v0:{X-Slack-Request-Timestamp}:".encode() + raw_body)>``; requests whose
 timestamp is more than ``tolerance`` (300 s) away from now are refused
-(replays). Always verify the raw body, before parsing it.
+(replays), and so is a second use of a signature within that window (with
+``seen``). Always verify the raw body, before parsing it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ RESPONSE_URL_HOSTS = ("hooks.slack.com",)
 
 SIGNATURE_VERSION = "v0"
 DEFAULT_TOLERANCE = 300
+REPLAYED = "already used (a replay)"
 
 _SLACK_USER_RE = re.compile(r"[UW][A-Z0-9]{2,20}", re.ASCII)
 _TS_RE = re.compile(r"[0-9]{1,15}", re.ASCII)
@@ -275,14 +277,16 @@ def slack_signature(signing_secret: str, timestamp: str, body: bytes) -> str:
 
 
 def verify_slack_signature(signing_secret: str, timestamp: str | None, signature: str | None, body: bytes,
-                           now: int, tolerance: int = DEFAULT_TOLERANCE) -> str | None:
+                           now: int, tolerance: int = DEFAULT_TOLERANCE, seen=None) -> str | None:
     """None when the request is Slack's; else the reason: "missing
     timestamp", "missing signature", "malformed timestamp", "stale timestamp
-    (outside the <tolerance> s tolerance)" or "signature mismatch".
-    ``timestamp``/``signature``: the X-Slack-Request-Timestamp and
+    (outside the <tolerance> s tolerance)", "signature mismatch" or (with
+    ``seen``, a ``streams.domain.auth.SeenSignatures``) "already used (a
+    replay)". ``timestamp``/``signature``: the X-Slack-Request-Timestamp and
     X-Slack-Signature headers; ``body``: the raw request body; ``now``: unix
     seconds. The timestamp is checked first (as Slack recommends), then the
-    signature, in constant time."""
+    signature, in constant time; then, with ``seen``, whether this signature
+    was already accepted within its window (only good ones are recorded)."""
     if not signing_secret:
         raise ValueError("no Slack signing secret configured")
     if timestamp is None or not timestamp.strip():
@@ -297,6 +301,8 @@ def verify_slack_signature(signing_secret: str, timestamp: str | None, signature
     expected = slack_signature(signing_secret, ts, body).encode()
     if not hmac.compare_digest(expected, signature.strip().encode("utf-8", "replace")):
         return "signature mismatch"
+    if seen is not None and not seen.claim(expected.decode(), int(ts) + tolerance + 1, now):
+        return REPLAYED
     return None
 
 

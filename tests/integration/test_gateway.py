@@ -232,6 +232,58 @@ def test_refusals_publish_nothing(stack, gw, run_id):
     assert events_for(stack, {f"{run_id}/x"}, 1)
 
 
+def test_a_signed_request_sent_twice_is_a_replay(stack, gw, run_id):
+    """The same signed request, within its window: accepted once, then refused like a stale one."""
+    url = f"/v1/integrations/{gw['keys']['signed']}/events"
+    one = orjson.dumps({"event_id": f"{run_id}-r", "action": "trigger", "dedup_key": f"{run_id}/r", "summary": "r"})
+    headers = {"X-Casestream-Signature": sign(gw["secret"], one, int(time.time()))}
+    assert post(gw["base"], url, one, headers)[0] == 202
+    status, body, _ = post(gw["base"], url, one, headers)
+    assert status == 401 and body["error"] == "unauthorized"
+    assert body["message"] == "X-Casestream-Signature: signature already used (a replay); sign each request anew"
+    assert len(events_for(stack, {f"{run_id}/r"}, 1)) == 1
+
+
+def _raw_post(base: str, path: str, head: dict, parts: list[bytes]) -> tuple[int, dict]:
+    """POST over a plain socket, the body in several writes; the status and JSON answer."""
+    import http.client
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in head.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        for part in parts:
+            sock.sendall(part)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        answer = orjson.loads(resp.read())
+    _check_documented(path, resp.status, answer)
+    return resp.status, answer
+
+
+def test_bodies_in_several_writes_and_chunked(stack, gw, run_id):
+    url = f"/v1/integrations/{gw['keys']['events']}/events"
+    big = orjson.dumps({"event_id": f"{run_id}-big", "action": "trigger", "dedup_key": f"{run_id}/big",
+                        "summary": "big", "custom_details": {"pad": "x" * (300 * 1024)}})
+    status, body = _raw_post(gw["base"], url, {"Content-Length": len(big)}, [big[:1000], big[1000:]])
+    assert status == 202, body
+
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    status, body = _raw_post(gw["base"], url, {"Transfer-Encoding": "chunked"},
+                             [chunk(big[:1000]), chunk(big[1000:]), b"0\r\n\r\n"])
+    assert status == 202, body
+    huge = orjson.dumps({"action": "trigger", "summary": run_id, "custom_details": {"x": "y" * (600 * 1024)}})
+    status, body = _raw_post(gw["base"], url, {"Transfer-Encoding": "chunked"},
+                             [chunk(huge[:300 * 1024]), chunk(huge[300 * 1024:]), b"0\r\n\r\n"])
+    assert status == 413 and body["error"] == "too_large"
+    assert len(events_for(stack, {f"{run_id}/big"}, 1)) == 1
+    _nothing_published(stack, run_id + '"')
+
+
 def test_rate_limit_answers_429_and_dead_letters(stack, gw, run_id):
     base, proc = start_gateway(stack, gw["tmp"], CASESTREAM_RATE_PER_INTEGRATION="0.01/3")
     try:

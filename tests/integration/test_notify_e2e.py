@@ -251,6 +251,7 @@ def test_slack_button_acknowledges_the_page_and_updates_the_message(fresh_stack,
             body, headers = _slack_request(secret, payload, now)
             assert post(body, dict(headers, **{"X-Slack-Signature": "v0=" + "0" * 64})) == 401
             assert post(body, headers) == 200
+            assert post(body, headers) == 401                                  # the same press again: a replay
             changed = stack.read(TENANT, "domain-events", lambda r: r.get("dedup_key") == dedup
                                  and r["type"] == "StatusChanged", count=1, settle=1.5)
             assert len(changed) == 1                                            # the refused presses did nothing

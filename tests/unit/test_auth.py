@@ -305,3 +305,100 @@ def test_limiter_limits_are_validated():
         RateLimiter(per_integration=(0, 10))
     with pytest.raises(ValueError):
         RateLimiter(per_tenant=(10, 0))
+
+
+# --------------------------------------------------------------------------
+# replays: a signature is good once within its window
+# --------------------------------------------------------------------------
+
+
+def test_a_signature_is_accepted_once():
+    from streams.domain.auth import REPLAYED, SeenSignatures
+
+    seen = SeenSignatures()
+    header = sign(SECRET, BODY, T)
+    assert verify_signature(SECRET, header, BODY, T, seen=seen) is None
+    assert verify_signature(SECRET, header, BODY, T + 5, seen=seen) == REPLAYED
+    assert REPLAYED.startswith("signature already used")
+    # the same MAC in another header (an extra v1 value, spaces, another order) is the same signature
+    mac = header.split("v1=")[1]
+    assert verify_signature(SECRET, f" v1={'0' * 64} , t={T}, v1={mac}", BODY, T + 6, seen=seen) == REPLAYED
+    # another body, another time, another secret: other signatures
+    assert verify_signature(SECRET, sign(SECRET, BODY + b" ", T), BODY + b" ", T, seen=seen) is None
+    assert verify_signature(SECRET, sign(SECRET, BODY, T + 1), BODY, T + 1, seen=seen) is None
+    assert verify_signature("whsec_other", sign("whsec_other", BODY, T), BODY, T, seen=seen) is None
+    # without a record of what was seen, nothing is refused as a replay (the old behaviour)
+    assert verify_signature(SECRET, header, BODY, T) is None
+
+
+def test_a_refused_signature_is_not_recorded():
+    from streams.domain.auth import SeenSignatures
+
+    seen = SeenSignatures()
+    stale = sign(SECRET, BODY, T - 301)
+    assert verify_signature(SECRET, stale, BODY, T, seen=seen).startswith("timestamp outside")
+    assert verify_signature(SECRET, sign("whsec_wrong", BODY, T), BODY, T, seen=seen) == "signature mismatch"
+    assert len(seen) == 0
+    assert verify_signature(SECRET, sign(SECRET, BODY, T), BODY, T, seen=seen) is None
+    assert len(seen) == 1
+
+
+def test_seen_signatures_expire_after_their_window():
+    from streams.domain.auth import SeenSignatures
+
+    seen = SeenSignatures()
+    header = sign(SECRET, BODY, T)
+    assert verify_signature(SECRET, header, BODY, T - 300, seen=seen) is None    # t may lie ahead too
+    assert len(seen) == 1
+    assert verify_signature(SECRET, header, BODY, T + 300, seen=seen).startswith("signature already used")
+    assert seen.claim("other", T + 1000, T + 301)                              # any call expires what is due
+    assert len(seen) == 1 and "other" in seen
+    assert verify_signature(SECRET, header, BODY, T + 301, seen=seen).startswith("timestamp outside")
+
+
+def test_seen_signatures_are_capped_dropping_the_soonest_to_expire():
+    from streams.domain.auth import SeenSignatures
+
+    seen = SeenSignatures(max_entries=3)
+    for key, expires in (("a", 50), ("b", 10), ("c", 30)):
+        assert seen.claim(key, expires, 0)
+    assert seen.claim("d", 40, 0)
+    assert len(seen) == 3 and "b" not in seen and {"a", "c", "d"} <= set(seen)
+    assert not seen.claim("a", 60, 1)          # still held
+    with pytest.raises(ValueError):
+        SeenSignatures(max_entries=0)
+
+
+def test_a_released_signature_may_be_used_again():
+    from streams.domain.auth import SeenSignatures, signature_key
+
+    seen = SeenSignatures()
+    header = sign(SECRET, BODY, T)
+    assert verify_signature(SECRET, header, BODY, T, seen=seen) is None
+    seen.release(signature_key(SECRET, header, BODY))      # nothing was accepted (e.g. Kafka down): retry allowed
+    assert verify_signature(SECRET, header, BODY, T, seen=seen) is None
+    assert verify_signature(SECRET, header, BODY, T, seen=seen).startswith("signature already used")
+    assert signature_key(SECRET, "garbage", BODY) is None
+    seen.release("never claimed")               # harmless
+    for _ in range(5):                          # claim/release cycles keep the bookkeeping bounded
+        seen.release(signature_key(SECRET, header, BODY))
+        assert verify_signature(SECRET, header, BODY, T, seen=seen) is None
+    assert len(seen) == 1 and len(seen._heap) <= 2 * seen.max_entries + 8
+
+
+def test_address_limiter_counts_only_what_is_not_given_back_and_stays_bounded():
+    from streams.domain.auth import AddressLimiter
+
+    lim = AddressLimiter((1, 3), max_buckets=4)
+    for _ in range(10):                       # authenticated requests: taken and given back
+        assert lim.take("a", 0.0) == 0.0
+        lim.give_back("a", 0.0)
+    assert [lim.take("a", 0.0) for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+    assert lim.take("a", 1.0) == 0.0           # refilled at 1/s
+    assert lim.take("b", 1.0) == 0.0           # another address, another bucket
+    for i in range(20):
+        lim.take(f"c{i}", 1.0)
+    assert len(lim) <= 4
+    lim.give_back("never seen", 1.0)          # harmless
+    with pytest.raises(ValueError):
+        AddressLimiter((0, 1))

@@ -406,3 +406,33 @@ def test_token_from_case_id_rejects_malformed_tokens(case_id):
     cid = case_id.format(tok=tok, tok18=tok[:18], tok19=tok[:19], tok10=tok[:10], tok9=tok[:9],
                          upper=tok.upper())
     assert token_from_case_id(cid, CM) is None
+
+
+# nesting far beyond the limit: orjson refuses it itself (its wording has changed over versions:
+# "recursion limit", now "depth limit exceeded"); the answer must not depend on that wording
+DEEP = 10_000
+
+
+@pytest.mark.parametrize("data", [
+    b"[" * DEEP + b"]" * DEEP,
+    b'{"action": "trigger", "summary": "s", "d": ' + b'{"d": ' * DEEP + b"1" + b"}" * DEEP + b"}",
+    b"[" * DEEP,                                              # never closed: still "too deep", not "unexpected end"
+])
+def test_nesting_10000_deep_is_too_deep_whatever_orjson_says(data):
+    r = parse(data, CM, T0)
+    assert isinstance(r, Rejection) and r.reason == INVALID_JSON
+    assert r.detail == f"JSON nested deeper than {MAX_DEPTH} levels"
+
+
+def test_brackets_inside_strings_add_no_depth():
+    # an invalid message (trailing comma) with brackets only inside strings: "not valid JSON", not "too deep"
+    data = b'{"summary": "' + b"[" * DEEP + b'\\"{{{", "x": 1,}'
+    r = parse(data, CM, T0)
+    assert isinstance(r, Rejection) and r.reason == INVALID_JSON and r.detail.startswith("not valid JSON")
+
+
+def test_gateway_body_nesting_10000_deep_is_too_deep():
+    from streams.gateway import Gateway
+
+    body, why = Gateway._json(b"[" * DEEP + b"]" * DEEP)
+    assert body is None and why == f"JSON nested deeper than {MAX_DEPTH} levels"

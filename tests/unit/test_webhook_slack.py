@@ -338,3 +338,21 @@ def test_valid_response_url():
                 "https://evil.com/hooks.slack.com", "https://user@hooks.slack.com/x",
                 "https://hooks.slack.com:8443/x", "https://hooks.slack.com/a b"):
         assert not slack.valid_response_url(bad), bad
+
+
+def test_slack_signature_is_accepted_once():
+    from streams.domain.auth import SeenSignatures
+
+    seen = SeenSignatures()
+    assert verify_slack_signature(SECRET, str(T), _sig(T), BODY, T, seen=seen) is None
+    why = verify_slack_signature(SECRET, str(T), _sig(T), BODY, T + 10, seen=seen)
+    assert why == "already used (a replay)"
+    assert verify_slack_signature(SECRET, f" {T} ", _sig(T) + " ", BODY, T + 10, seen=seen) == why
+    # another press (another timestamp or body) is another signature; a refused one is not recorded
+    assert verify_slack_signature(SECRET, str(T + 1), _sig(T + 1), BODY, T + 10, seen=seen) is None
+    assert verify_slack_signature(SECRET, str(T), _sig(T, secret="x"), BODY + b"&x=1", T, seen=seen) \
+        == "signature mismatch"
+    assert verify_slack_signature(SECRET, str(T), _sig(T, BODY + b"&x=1"), BODY + b"&x=1", T, seen=seen) is None
+    # after its window the entry is gone (and the request is stale anyway)
+    assert verify_slack_signature(SECRET, str(T), _sig(T), BODY, T + 301, seen=seen).startswith("stale")
+    assert seen.claim("x", T + 1000, T + 302) and len(seen) == 1
