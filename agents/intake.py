@@ -521,10 +521,11 @@ def register_health(topo: Topology, bootstrap_servers: str, inputs: set[str], in
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from streams.health import StallDetector, input_lag
+    from streams.health import CommitWatch, StallDetector, input_lag
 
     app = topo.app
     detector = StallDetector(stall_seconds, time.monotonic())
+    watch = CommitWatch()
     client: list = []
 
     @app.timer(interval=interval, name=f"{topo.family.app_id}.health")
@@ -551,9 +552,25 @@ def register_health(topo: Topology, bootstrap_servers: str, inputs: set[str], in
         now = time.monotonic()
         stalled = detector.observe(read, lag, recovering=not app.tables.recovery.completed.is_set(), now=now)
         stalled_for = detector.stalled_for(now)
+        committed = {tp: consumer._committed_offset.get(tp) for tp in stream_tps}
+        in_flight = {m.tp for m in list(consumer._unacked_messages)}
+        for tp in watch.observe(now, {tp: (committed[tp], consumer._read_offset.get(tp), tp in in_flight)
+                                      for tp in stream_tps}):
+            # a record read and lost inside the worker around a rebalance (streams/rebalance.py): again
+            log.warning("partition %s: the commit is stuck at offset %s behind records read but never "
+                        "processed; reading them again from there", name[tp], committed[tp])
+            metrics.REREADS.labels(topo.tenant.name).inc()
+            try:
+                await consumer.seek(tp, committed[tp])
+            except Exception as exc:
+                log.warning("partition %s: seeking back failed: %r", name[tp], exc)
+        # read but not committed yet (being processed, or waiting for the next commit)
+        uncommitted = sum(max(0, (read[name[tp]] or 0) - (committed[tp] or 0)) for tp in stream_tps
+                          if read[name[tp]] is not None)
         log.info("health %s", orjson.dumps({
-            "tenant": topo.tenant.name, "partitions": len(stream_tps), "lag": lag,
-            "flow_active": consumer.flow_active, "seconds_since_progress": round(stalled_for, 1),
+            "tenant": topo.tenant.name, "partitions": len(stream_tps), "lag": lag, "uncommitted": uncommitted,
+            "flow_active": consumer.flow_active, "processing": app.flow_control.is_active(),
+            "generation": app.consumer_generation_id, "seconds_since_progress": round(stalled_for, 1),
         }).decode())
         if stalled:
             log.error("stall: %d input messages waiting and nothing read for %.0fs; exiting with code %d "

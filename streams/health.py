@@ -96,3 +96,40 @@ class ShutdownDeadline:
             import os
 
             os._exit(self.code)
+
+
+class CommitWatch:
+    """Partitions whose commit is stuck behind records that were read but never processed.
+
+    A record handed to Faust's streams must be processed and acknowledged
+    before its partition's offset can be committed past it. Around a
+    rebalance faust-streaming can lose such a record inside the worker (read,
+    then dropped with the stream buffers, and not fetched again): the
+    partition's commit then waits for it for ever, and it is never applied.
+    ``observe`` is given, per partition, the committed offset, the last read
+    offset and whether any record of it is being processed; a partition whose
+    commit has not moved for ``seconds`` although records past it were read and
+    none is in flight is returned once, to be read again from its committed
+    offset (processing is idempotent: what was applied is recognised)."""
+
+    def __init__(self, seconds: float = 15.0):
+        self.seconds = seconds
+        self._since: dict = {}   # partition -> (committed offset, since when)
+
+    def observe(self, now: float, partitions: Mapping) -> list:
+        stuck = []
+        for tp, (committed, read, in_flight) in partitions.items():
+            behind = committed is not None and read is not None and read >= committed and not in_flight
+            if not behind:
+                self._since.pop(tp, None)
+                continue
+            seen = self._since.get(tp)
+            if seen is None or seen[0] != committed:
+                self._since[tp] = (committed, now)
+            elif now - seen[1] >= self.seconds:
+                stuck.append(tp)
+                self._since[tp] = (committed, now)  # once per period, if reading again does not help
+        for tp in list(self._since):
+            if tp not in partitions:
+                del self._since[tp]
+        return stuck

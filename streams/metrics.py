@@ -12,6 +12,10 @@ DOMAIN_EVENTS = Counter(
     "casestream_domain_events_total", "Domain events emitted, by type.", ["tenant", "type"])
 DUPLICATES = Counter(
     "casestream_intake_duplicates_total", "Intake messages already applied (redeliveries).", ["tenant"])
+REREADS = Counter(
+    "casestream_partition_rereads_total",
+    "Partitions read again from their committed offset: a commit stuck behind records lost inside the worker.",
+    ["tenant"])
 PROJECTED = Counter(
     "casestream_projected_events_total", "Domain events written to a sink.", ["tenant", "sink"])
 PROJECTION_REJECTED = Counter(

@@ -2,18 +2,18 @@
 
 Found by the fault suite (tests/integration/test_faults.py) on Apache Kafka:
 
-* **Records fetched across a rebalance.** faust-streaming 0.15.3 tags a
-  fetched record with the consumer generation current when the batch comes
-  back from the consumer thread, not when it was fetched. A batch fetched
-  before a rebalance (from the old position) and handed over after it passes
-  as current: its first record moves the partition's read offset forward,
-  the gap behind it is marked acknowledged, and the records between the
-  committed offset and it -- fetched again after the seek -- are dropped as
-  already read ("DROPPED MESSAGE ROFF"). Records lost and applied out of
-  order. ``GuardedConsumer`` notes the generation before each fetch and
-  discards stream records whose fetch straddled a generation change, then
-  seeks their partitions back to the committed offset (changelog records
-  are kept: recovery seeks those itself).
+* **Records lost inside the worker around a rebalance.** Seen in the
+  fault suite: a record read by faust-streaming and handed to the stream
+  buffers is dropped there (the buffers are cleared when partitions are
+  revoked) and, now and then, not fetched again: it is never applied, and
+  its partition's commit waits behind it for ever. ``streams.health.CommitWatch``
+  (run by the health timer, ``agents/intake.py``) finds such a partition --
+  its commit has not moved for 15 s although records past it were read and
+  none is being processed -- and reads it again from the committed offset;
+  processing is idempotent, so what was applied is recognised. (An earlier
+  guard here discarded records whose fetch straddled a generation change and
+  sought back; its seek raced with the consumer's prefetch and lost records
+  itself, so it is gone.)
 
 * **A fenced worker's late writes.** A worker stopped past its session
   timeout (SIGSTOP, a VM pause, a partition) loses its partitions to
@@ -108,38 +108,9 @@ class VersionedTable(faust.Table):
 
 
 class GuardedConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer with the two guards of this module's docstring."""
+    """Faust's aiokafka consumer that tells the app when the group expelled it (``App.on_expelled``)."""
 
     _expel_hook_installed = False
-
-    async def _wait_next_records(self, timeout: float):
-        before = self.app.consumer_generation_id
-        records, active = await super()._wait_next_records(timeout)
-        if not records or self.app.consumer_generation_id == before:
-            return records, active
-        changelogs = self.app.tables.changelog_topics
-        stale = {tp for tp in records if tp.topic not in changelogs}
-        if not stale:
-            return records, active
-        log.info("rebalance: %d records of %d partitions fetched across generations %s -> %s discarded; "
-                 "those partitions go back to their committed offsets",
-                 sum(len(records[tp]) for tp in stale), len(stale), before, self.app.consumer_generation_id)
-        await self._seek_back(stale)
-        return {tp: recs for tp, recs in records.items() if tp not in stale}, active
-
-    async def _seek_back(self, tps: set) -> None:
-        """Seek ``tps`` (those still assigned) to their committed offsets, as Faust's own seek does."""
-        assigned = self.assignment()
-        tps = [tp for tp in tps if tp in assigned]
-        if not tps:
-            return
-        try:
-            committed = await self._thread.call_thread(self._thread._ensure_consumer().seek_to_committed, *tps)
-        except Exception as exc:  # e.g. a partition revoked meanwhile: the next rebalance seeks anyway
-            log.warning("rebalance: seeking back %s failed: %r", tps, exc)
-            return
-        for tp, offset in committed.items():
-            self._read_offset[tp] = offset if offset is not None and offset >= 0 else None
 
     async def on_partitions_assigned(self, assigned, generation_id: int = 0) -> None:
         if not self._expel_hook_installed:

@@ -74,3 +74,23 @@ def test_a_cancelled_or_disabled_deadline_does_nothing():
     d._timer.join(5)
     ShutdownDeadline(0, exit=lambda code, msg: got.append(code)).start()
     assert got == []
+
+
+def test_a_commit_stuck_behind_records_read_but_not_in_flight_is_reported_once_per_period():
+    from streams.health import CommitWatch
+
+    w = CommitWatch(15.0)
+    assert w.observe(0, {"p0": (100, 150, False), "p1": (100, 150, True), "p2": (100, 99, False)}) == []
+    assert w.observe(14, {"p0": (100, 150, False), "p1": (100, 160, True), "p2": (100, 99, False)}) == []
+    assert w.observe(15, {"p0": (100, 160, False), "p1": (100, 170, True), "p2": (100, 99, False)}) == ["p0"]
+    assert w.observe(16, {"p0": (100, 160, False)}) == []          # not again at once
+    assert w.observe(30, {"p0": (100, 160, False)}) == ["p0"]      # again after a period
+
+
+def test_a_commit_that_moves_or_waits_for_work_in_flight_is_not_stuck():
+    from streams.health import CommitWatch
+
+    w = CommitWatch(15.0)
+    for t, committed in enumerate(range(0, 300, 10)):
+        assert w.observe(t * 5, {"p": (committed, committed + 50, False)}) == []
+    assert w.observe(0, {"q": (None, 10, False)}) == [] and w.observe(100, {"q": (None, 10, False)}) == []
