@@ -22,7 +22,7 @@ run: $(STAMP)
 # the whole suite, on the real engines where a JDK 17+ and Maven are present
 # (required when CI=true), else on the stand-in
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the stand-in profile's smoke subset (CI runs it after `make test`)
 test-standin: $(STAMP)
