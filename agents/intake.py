@@ -40,6 +40,7 @@ is when the batch starts (``streams/oncall_config.py``).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 import weakref
@@ -175,16 +176,22 @@ def header_value(headers, name: str) -> bytes | None:
     return None
 
 
-def record_identity(topic: str, partition: int, offset: int, headers=None) -> str:
-    """The identity of an intake record without ``event_id``: the one its
-    ``EVENT_ID_HEADER`` names (a replay), else its own coordinates."""
+def header_identity(headers) -> str | None:
+    """The identity an ``EVENT_ID_HEADER`` gives a record (a dlq replay), if any."""
     given = header_value(headers, EVENT_ID_HEADER)
     if given:
         try:
-            return given.decode("utf-8")
+            return given.decode("utf-8") or None
         except UnicodeDecodeError:
             pass
-    return record_event_id(topic, partition, offset)
+    return None
+
+
+def record_identity(topic: str, partition: int, offset: int, headers=None) -> str:
+    """The identity of an intake record: the one its ``EVENT_ID_HEADER`` names
+    (a replay; it wins over the message's own ``event_id``), else, for a message
+    without ``event_id``, its own coordinates."""
+    return header_identity(headers) or record_event_id(topic, partition, offset)
 
 
 def route_message(tenant, topic: str, partition: int, offset: int, timestamp_ms: int,
@@ -192,6 +199,8 @@ def route_message(tenant, topic: str, partition: int, offset: int, timestamp_ms:
     """Where one intake record goes: ("routed", routing key, envelope) or ("dlq", key, dead letter)."""
     record_id = record_identity(topic, partition, offset, headers)
     result = parse(raw, tenant, timestamp_ms, record_id)
+    if isinstance(result, Intake) and header_identity(headers) and result.event_id != record_id:
+        result = dataclasses.replace(result, event_id=record_id)  # a replay: a new attempt of its own
     if isinstance(result, Rejection):
         return DLQ, key, dead_letter(result, topic, partition, offset, raw, record_id)
     rkey = routing_key(result, tenant)

@@ -32,12 +32,14 @@ How a dead letter is replayed depends on where it came from (``source.topic``):
   published by the same replay (a dead letter replayed and rejected again
   sits in the DLQ twice with the same original).
 
-Replay is idempotent: every intake message keeps its identity (an explicit
-``event_id`` in its bytes, republished unchanged; otherwise the id its record
-had, carried by the ``casestream-event-id`` header; the translators derive
-theirs from the payload, and a rate-limited body's messages without one get
-one per dead letter and position), a timer's id derives from its timer id,
-and the worker ignores an id its dedup key has seen. Replaying the same dead
+Replay is idempotent: the bytes are republished unchanged, and a replayed
+intake message is a new attempt with an id of its own, derived from the id
+the rejected record had (``casestream-event-id`` header; it wins over an
+explicit ``event_id``): the rejection, remembered under the original id,
+does not swallow it, and replaying the same dead letter again is the same
+attempt. A rate-limited body's messages keep the translators' ids (they were
+never applied) and get one per dead letter and position where they have
+none; a timer's id derives from its timer id. Replaying the same dead
 letters twice has no second effect.
 """
 
@@ -58,10 +60,9 @@ INTAKE, TIMERS, NOTIFICATIONS = "intake", "timers", "notifications"
 GATEWAY_PREFIX = "gateway:"
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a 512 KiB message and headroom (as the gateway's producer)
 
-REPLAY_HINT = ("Replayed messages go through the worker again: one that is still invalid is dead-lettered "
-               "again; one whose event_id its dedup key has already seen has no effect (this makes replay "
-               "idempotent, but also means a message rejected for a key that already had cases -- "
-               "no_open_case, invalid_transition, unknown_case -- was remembered and stays without effect).")
+REPLAY_HINT = ("Replayed messages go through the worker again as a new attempt (an id derived from the "
+               "rejected one): one that is still invalid or still has no open case is dead-lettered again; "
+               "replaying the same dead letters again is the same attempt and has no effect.")
 
 
 # --------------------------------------------------------------------------
@@ -262,6 +263,15 @@ def _unwrap_envelope(raw: bytes) -> bytes:
     return raw
 
 
+def _explicit_event_id(raw: bytes) -> str | None:
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    eid = msg.get("event_id") if isinstance(msg, dict) else None
+    return eid if isinstance(eid, str) and eid.strip() else None
+
+
 def _identity(event_id: str) -> tuple[tuple[str, bytes], ...]:
     return ((EVENT_ID_HEADER, event_id.encode("utf-8")),)
 
@@ -299,10 +309,13 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
     if kind in ("intake", "intake-routed"):
         if kind == "intake-routed":
             raw = _unwrap_envelope(raw)
-        event_id = record.get("event_id")
-        if not isinstance(event_id, str) or not event_id:
-            event_id = derive_id("intake", raw)  # how records were identified before dead letters kept it
-        return Plan(publish=(Publish(INTAKE, intake_key(raw, tenant), raw, _identity(event_id)),))
+        original = record.get("event_id")
+        if not isinstance(original, str) or not original:  # a dead letter written before it kept the id
+            original = _explicit_event_id(raw) or derive_id("intake", raw)
+        # a replay is a new attempt, decided again (the rejection was remembered under the original
+        # id), with an id of its own derived from the original: replaying twice is one attempt
+        return Plan(publish=(Publish(INTAKE, intake_key(raw, tenant), raw,
+                                     _identity(derive_id("replay", original))),))
     if kind == "timers":
         try:
             timer = orjson.loads(raw)
@@ -345,7 +358,8 @@ def plan(record: dict, tenant: Tenant, family: TopicFamily, gateway_options: dic
         value = orjson.dumps(msg)  # the gateway's own encoding: derived ids match
         # a message without its own id (a canonical event, a PagerDuty trigger): one per dead
         # letter and position, so replaying the dead letter twice has no second effect
-        headers = _identity(derive_id("dlq-replay", family.name("dlq"), ref, str(i))) if ref else ()
+        headers = _identity(derive_id("dlq-replay", family.name("dlq"), ref, str(i))) \
+            if ref and "event_id" not in msg else ()  # the translators' own ids stay (never applied)
         out.append(Publish(INTAKE, intake_key(value, tenant), value, headers))
     return Plan(publish=tuple(out))
 

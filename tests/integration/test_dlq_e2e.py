@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from streams.config import PROJECT_ROOT
+from streams.domain.intake import routing_token
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def test_replay_after_the_trigger_acknowledges_and_a_second_replay_changes_nothi
     report = orjson.loads(dlq_cli(stack, *args).stdout)
     assert (report["matched"], report["published"], report["skipped"]) == (1, 1, 0)
     assert report["by_topic"] == {stack.topic(TENANT, "intake"): 1}
-    assert report["items"][0]["published"][0]["key"] == key
+    assert report["items"][0]["published"][0]["key"] == routing_token(key)  # the partition of its alerts
     events = stack.read(TENANT, "domain-events", by_key(key), until=lambda f: statuses(f))
     assert statuses(events) == [("TRIGGERED", "ACKNOWLEDGED")]
 
@@ -111,7 +112,7 @@ def test_a_rate_limited_gateway_body_is_translated_and_replayed_once(stack, run_
     record = {"reason": "rate_limited", "detail": "rate limit of tenant on-call exceeded",
               "source": {"topic": "gateway:events", "partition": -1, "offset": -1},
               "original": body.decode(), "original_encoding": "utf-8", "dead_lettered_at": int(time.time() * 1000)}
-    asyncio.run(stack._send(stack.topic(TENANT, "dlq"), [orjson.dumps(record)], False))
+    asyncio.run(stack._send(TENANT, stack.topic(TENANT, "dlq"), [orjson.dumps(record)], False))
 
     args = ("replay", "--tenant", TENANT, "--reason", "rate_limited", "--match", key, "--json")
     report = orjson.loads(dlq_cli(stack, *args).stdout)

@@ -179,20 +179,33 @@ def test_bad_input_dead_letters_and_the_partition_keeps_flowing(stack, run_id):
                    tenant=tenant, reason="too_large") >= before + 1
 
 
-def test_same_message_twice_has_no_second_effect(stack, run_id):
+def test_a_message_sent_twice_counts_by_its_identity(stack, run_id):
+    """An explicit event_id dedupes; without one, every record is an event (README "Event identity")."""
     key = f"{run_id}/dup"
     trigger = {"event_id": f"{run_id}-t", "action": "trigger", "dedup_key": key, "summary": "dup"}
-    no_id = {"action": "trigger", "dedup_key": key, "summary": "derived id", "timestamp": "2026-11-24T10:00:00Z"}
+    no_id = {"action": "trigger", "dedup_key": key, "summary": "no id", "timestamp": "2026-11-24T10:00:00Z"}
     ack = {"event_id": f"{run_id}-a", "action": "acknowledge", "dedup_key": key}
     stack.send("on-call", [trigger, trigger, no_id, no_id, ack, ack, trigger])
     marker = {"event_id": f"{run_id}-m", "action": "trigger", "dedup_key": key, "summary": "marker"}
     stack.send("on-call", [marker])
     events = stack.read("on-call", "domain-events", by_key(key),
                         until=lambda f: any(e["caused_by"] == f"{run_id}-m" for e in f))
-    assert [e["type"] for e in events] == ["CaseCreated", "AlertDeduplicated", "StatusChanged",
-                                           "AlertDeduplicated"]
-    assert events[-1]["occurrence_count"] == 3
+    assert [e["type"] for e in events] == ["CaseCreated", "AlertDeduplicated", "AlertDeduplicated",
+                                           "StatusChanged", "AlertDeduplicated"]
+    assert events[-1]["occurrence_count"] == 4
     gapless(events)
+
+
+def test_a_recurring_alert_without_event_id_pages_again_after_a_resolve(stack, run_id):
+    """The very same trigger bytes after a resolve open a new case (PagerDuty opens a new incident)."""
+    key = f"{run_id}/recurring"
+    fire = {"action": "trigger", "dedup_key": key, "summary": "disk full"}
+    stack.send("on-call", [fire])
+    stack.read("on-call", "domain-events", lambda r: by_key(key)(r) and r["type"] == "CaseCreated", count=1)
+    stack.send("on-call", [{"action": "resolve", "dedup_key": key}, fire])
+    created = stack.read("on-call", "domain-events", lambda r: by_key(key)(r) and r["type"] == "CaseCreated",
+                         count=2)
+    assert len({e["case_id"] for e in created}) == 2
 
 
 def test_concurrent_producers_make_exactly_one_open_case(stack, run_id):
@@ -201,7 +214,7 @@ def test_concurrent_producers_make_exactly_one_open_case(stack, run_id):
     n_producers, per_producer = 4, 25
 
     async def producer_task(i: int):
-        await stack._send(stack.topic("on-call", "intake"), [
+        await stack._send("on-call", stack.topic("on-call", "intake"), [
             {"event_id": f"{run_id}-{i}-{j}", "action": "trigger", "dedup_key": key, "summary": f"storm {i}/{j}"}
             for j in range(per_producer)], key_by_dedup=False)
 

@@ -63,26 +63,37 @@ def test_apply_rejections_go_back_to_intake_keyed_by_dedup_key(reason):
     assert pub.key == message_key(ACK, OC)[0]
 
 
-def test_a_replay_keeps_the_identity_of_the_rejected_record():
-    """The bytes go back unchanged; the header carries the id the rejected record had, so the worker
-    sees the same event again (replaying twice has no second effect)."""
+def test_a_replay_is_a_new_attempt_with_an_id_derived_from_the_rejected_one():
+    """The bytes go back unchanged; the header carries an id derived from the rejected record's, so the
+    worker decides the message again (its rejection was remembered under the original id) and a second
+    replay of the same dead letter is the same attempt."""
     topic = FAMILY.name("intake")
     kind, _key, envelope = route_message(OC, topic, 2, 41, T0, None, ACK)
     first_id = envelope["intake"]["event_id"]
     assert first_id == record_event_id(topic, 2, 41)
     rejected = dict(dead_letter(Rejection("no_open_case", "why"), topic, 2, 41, ACK, first_id), dead_lettered_at=T0)
     pub = only(dlq.plan(rejected, OC, FAMILY))
-    assert pub.value == ACK and pub.headers == ((EVENT_ID_HEADER, first_id.encode()),)
+    replay_id = derive_id("replay", first_id)
+    assert pub.value == ACK and pub.headers == ((EVENT_ID_HEADER, replay_id.encode()),)
+    assert only(dlq.plan(rejected, OC, FAMILY)) == pub                    # replaying again: the same attempt
     _k, _key, again = route_message(OC, topic, 5, 900, T0 + 60_000, pub.key, pub.value, list(pub.headers))
-    assert again["intake"]["event_id"] == first_id
-    # a second send of the same bytes (no header) is a second event
+    assert again["intake"]["event_id"] == replay_id
+    # a second send of the same bytes (no header) is a second event of its own
     _k, _key, other = route_message(OC, topic, 5, 901, T0 + 60_000, pub.key, pub.value)
-    assert other["intake"]["event_id"] != first_id
+    assert other["intake"]["event_id"] not in (first_id, replay_id)
 
 
-def test_a_dead_letter_written_before_it_kept_the_id_replays_with_the_id_from_the_bytes():
+def test_the_replay_id_wins_over_an_explicit_event_id():
+    raw = orjson.dumps({"action": "acknowledge", "dedup_key": "db/lag", "event_id": "mon-7"})
+    pub = only(dlq.plan(record("no_open_case", FAMILY.name("intake-routed"), raw), OC, FAMILY))
+    assert pub.headers == ((EVENT_ID_HEADER, derive_id("replay", "mon-7").encode()),)
+    _k, _key, env = route_message(OC, FAMILY.name("intake"), 0, 1, T0, pub.key, pub.value, list(pub.headers))
+    assert env["intake"]["event_id"] == derive_id("replay", "mon-7")
+
+
+def test_a_dead_letter_written_before_it_kept_the_id_replays_from_the_id_of_its_bytes():
     pub = only(dlq.plan(record("no_open_case", FAMILY.name("intake-routed"), ACK), OC, FAMILY))
-    assert pub.headers == ((EVENT_ID_HEADER, derive_id("intake", ACK).encode()),)
+    assert pub.headers == ((EVENT_ID_HEADER, derive_id("replay", derive_id("intake", ACK)).encode()),)
 
 
 def test_a_command_by_case_id_is_keyed_by_the_case_id():
@@ -166,8 +177,12 @@ def test_a_rate_limited_body_is_translated_as_the_gateway_would_have_published_i
     assert dlq.plan(gateway_record(kind, body, at=T0 + 1), OC, FAMILY) == p
     at_ref = dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:14")
     assert at_ref == dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:14")
-    assert [x.headers for x in at_ref.publish] != [x.headers for x in
-                                                   dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:15").publish]
+    other_ref = dlq.plan(gateway_record(kind, body), OC, FAMILY, None, "3:15")
+    for x, y in zip(at_ref.publish, other_ref.publish):
+        if "event_id" in orjson.loads(x.value):   # the translator's own id stays: no header
+            assert x.headers == y.headers == ()
+        else:
+            assert x.headers and x.headers != y.headers
 
 
 def test_pagerduty_routing_keys_are_not_republished():
