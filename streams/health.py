@@ -119,7 +119,9 @@ class CommitWatch:
     def observe(self, now: float, partitions: Mapping) -> list:
         stuck = []
         for tp, (committed, read, in_flight) in partitions.items():
-            behind = committed is not None and read is not None and read >= committed and not in_flight
+            # ``read`` is the offset of the last record handed over (or, right after a seek, the
+            # offset sought to); ``committed`` the next offset to read: beyond it means handed over
+            behind = committed is not None and read is not None and read > committed and not in_flight
             if not behind:
                 self._since.pop(tp, None)
                 continue

@@ -94,3 +94,5 @@ def test_a_commit_that_moves_or_waits_for_work_in_flight_is_not_stuck():
     for t, committed in enumerate(range(0, 300, 10)):
         assert w.observe(t * 5, {"p": (committed, committed + 50, False)}) == []
     assert w.observe(0, {"q": (None, 10, False)}) == [] and w.observe(100, {"q": (None, 10, False)}) == []
+    # read == committed: everything handed over was committed, or a seek has just set the position
+    assert w.observe(0, {"r": (100, 100, False)}) == [] and w.observe(100, {"r": (100, 100, False)}) == []
