@@ -151,11 +151,8 @@ async def ensure_relay_topics(topo: Topology) -> None:
 
     try:
         await create_topics(topo.bootstrap, [], extra=[topo.family.relay(s) for s in sorted(missing)])
-        from streams.kafka import track_producer_topics
-
-        if not await track_producer_topics(getattr(topo.app.producer, "_producer", None),
-                                           producer_topics(topo, topo.relay_ready | missing)):
-            raise RuntimeError("the producer is not started")
+        if not await track_topics(topo, topo.relay_ready | missing):
+            raise RuntimeError("the producer does not track the new topics yet")
     except Exception as exc:  # retried after a pause (those events are not relayed meanwhile)
         topo.relay_retry_at = time.monotonic() + 10
         log.warning("relay topics %s not created yet (retry in 10 s): %r", sorted(missing), exc)
