@@ -567,7 +567,13 @@ def register_health(topo: Topology, bootstrap_servers: str, inputs: set[str], in
                         "processed; reading them again from there", name[tp], committed[tp])
             metrics.REREADS.labels(topo.tenant.name).inc()
             try:
-                await consumer.seek(tp, committed[tp])
+                start = (await consumer.earliest_offsets(tp)).get(tp)
+                if start is not None and start > committed[tp]:
+                    # the log no longer holds them: retention deleted them before they were processed
+                    log.error("partition %s: records %d..%d were deleted (retention) before being processed; "
+                              "going on from %d", name[tp], committed[tp], start - 1, start)
+                    consumer._committed_offset[tp] = start
+                await consumer.seek(tp, max(committed[tp], start or 0))
             except Exception as exc:
                 log.warning("partition %s: seeking back failed: %r", name[tp], exc)
         # read but not committed yet (being processed, or waiting for the next commit)

@@ -9,8 +9,12 @@ futures and tasks). That was most of an idle worker's CPU (bench/RESULTS.md,
 "Idle CPU"). ``QuietStream.take_events`` is Faust's, with one change: while the
 buffer is empty it waits for the first event without a timeout; from then on
 a batch is handed over when it is full or ``within`` after its first event
-arrived. Acking, the buffer's back-pressure and the hand-over are Faust's
-(faust-streaming 0.15, ``faust/streams.py``).
+arrived. The buffer's back-pressure and the hand-over are Faust's
+(faust-streaming 0.15, ``faust/streams.py``); acking differs in one thing: a
+batch whose handling raised (or was cancelled), and what is still buffered
+when the stream stops, is acknowledged as *not processed*
+(``streams.rebalance.mark_unsafe``): no commit passes it, and a stopping
+worker does not wait for it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from faust.streams import _tracks_buffer_agen
 from mode import want_seconds
 from mode.utils.aiter import aiter
 from mode.utils.futures import notify
+
+from streams.rebalance import mark_unsafe
 
 
 class QuietStream(faust.Stream):
@@ -75,10 +81,14 @@ class QuietStream(faust.Stream):
                 await self.wait_for_stopped(buffer_full, timeout=timeout)
                 if events:
                     buffer_consuming = self.loop.create_future()
+                    handled = False
                     try:
                         yield list(events)
+                        handled = True
                     finally:
                         for event in events:
+                            if not handled:  # the agent failed or was cancelled: not processed
+                                mark_unsafe(event.message)
                             await self.ack(event)
                         events.clear()
                         arrived.clear()
@@ -86,5 +96,11 @@ class QuietStream(faust.Stream):
                         buffer_full.clear()
                         buffer_consumed.set()
         finally:
+            # the stream stopped with events never handed over: done with, not processed (the
+            # consumer's stop waits for every event to be acknowledged; the next owner processes them)
+            for event in events:
+                mark_unsafe(event.message)
+                await self.ack(event)
+            events.clear()
             self.enable_acks = stream_enable_acks
             self._processors.remove(add_to_buffer)

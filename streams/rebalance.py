@@ -2,18 +2,31 @@
 
 Found by the fault suite (tests/integration/test_faults.py) on Apache Kafka:
 
-* **Records lost inside the worker around a rebalance.** Seen in the
-  fault suite: a record read by faust-streaming and handed to the stream
-  buffers is dropped there (the buffers are cleared when partitions are
-  revoked) and, now and then, not fetched again: it is never applied, and
-  its partition's commit waits behind it for ever. ``streams.health.CommitWatch``
-  (run by the health timer, ``agents/intake.py``) finds such a partition --
-  its commit has not moved for 15 s although records past it were read and
-  none is being processed -- and reads it again from the committed offset;
-  processing is idempotent, so what was applied is recognised. (An earlier
-  guard here discarded records whose fetch straddled a generation change and
-  sought back; its seek raced with the consumer's prefetch and lost records
-  itself, so it is gone.)
+* **Offsets committed past records never processed.** Found by the fault
+  suite (projections a few versions behind the log, every offset committed).
+  faust-streaming commits a partition up to the highest offset acknowledged
+  without a hole, and three of its rules let a record through unprocessed:
+
+  - a stream that meets a record while processing is suspended (a rebalance
+    has begun) or of an older generation *skips* it and acknowledges it as
+    if processed, and the other streams of the topic (two projections read
+    the domain-event log) may process it and acknowledge it too;
+  - a jump in the offsets read (``_add_gap``: meant for compacted topics and
+    transaction markers, which our streams' topics never have) counts the
+    missing offsets as processed: after a seek, a batch already fetched from
+    further on jumps the offsets, and the records sought back to are dropped;
+  - the committed offset may be one short of the first acknowledged one (a
+    record silently passed over), or anything when nothing was committed yet.
+
+  ``GuardedConsumer`` closes all three: an acknowledgement made while
+  processing is suspended, or in another generation, or of a batch whose
+  handling failed (``mark_unsafe``), never counts toward a commit (the
+  record is processed again: idempotently); jumps count nothing; and a
+  commit advances only over offsets acknowledged one after another from
+  the committed one (the log's start offset when nothing was committed).
+  A partition whose commit then waits for a record dropped inside Faust is
+  read again from its committed offset by ``streams.health.CommitWatch``
+  (run by the health timer, ``agents/intake.py``).
 
 * **A fenced worker's late writes.** A worker stopped past its session
   timeout (SIGSTOP, a VM pause, a partition) loses its partitions to
@@ -41,15 +54,19 @@ import re
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types.tuples import ConsumerMessage, ack_lock
+from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
-EXPELLED_EXIT_CODE = 4  # if re-executing itself fails: the supervisor restarts it
+EXPELLED_EXIT_CODE = 4
+STREAMS_WAIT_SECONDS = 10.0  # the longest a rebalance or a stop waits for records being processed  # if re-executing itself fails: the supervisor restarts it
 
 # ---------------------------------------------------------------------------
 # versioned values
@@ -107,10 +124,124 @@ class VersionedTable(faust.Table):
 # ---------------------------------------------------------------------------
 
 
+def next_commit(acked: list[int], committed: int | None) -> tuple[int | None, list[int]]:
+    """The offset a partition can be committed to: past the offsets acknowledged one after
+    another from ``committed`` (the next offset to process), and those offsets (to forget).
+    None while ``committed`` is unknown or the record at it is not acknowledged. ``acked``
+    is sorted in place; offsets below ``committed`` (processed again) are returned to forget."""
+    if not acked or committed is None:
+        return None, []
+    acked.sort()
+    i = 0
+    while i < len(acked) and acked[i] < committed:
+        i += 1
+    done = acked[:i]
+    nxt = committed
+    while i < len(acked) and acked[i] <= nxt:
+        nxt = acked[i] + 1
+        done.append(acked[i])
+        i += 1
+    return (nxt if nxt > committed else None), done
+
+
+class GuardedMessage(ConsumerMessage):
+    """A consumed record that remembers an acknowledgement made while it was not safe to
+    count: processing suspended (a rebalance has begun), or a generation since ended, or
+    its batch's handling failed (``mark_unsafe``)."""
+
+    __slots__ = ("unsafe",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unsafe = False
+
+    def ack(self, consumer: Any, n: int = 1) -> bool:
+        app = consumer.app
+        if not app.flow_control.is_active() or self.generation_id != app.consumer_generation_id:
+            self.unsafe = True  # a skip (Faust acknowledges what it skips) or a late acknowledgement
+        return super().ack(consumer, n)
+
+
+def mark_unsafe(message: Any) -> None:
+    """The record was not (or not surely) processed: its acknowledgement must not count."""
+    if isinstance(message, GuardedMessage):
+        message.unsafe = True
+
+
 class GuardedConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer that tells the app when the group expelled it (``App.on_expelled``)."""
+    """Faust's aiokafka consumer that commits only what was processed (see the module
+    docstring) and tells the app when the group expelled it (``App.on_expelled``)."""
 
     _expel_hook_installed = False
+
+    def _to_message(self, tp, record: Any) -> GuardedMessage:
+        timestamp = record.timestamp
+        return GuardedMessage(
+            record.topic, record.partition, record.offset,
+            timestamp / 1000.0 if timestamp is not None else None,
+            record.timestamp_type, record.headers, record.key, record.value, record.checksum,
+            record.serialized_key_size, record.serialized_value_size, tp,
+            generation_id=self.app.consumer_generation_id,
+        )
+
+    def ack(self, message: Any) -> bool:
+        if getattr(message, "unsafe", False) and self.app.topics.acks_enabled_for(message.topic):
+            with ack_lock:  # done with, but not counted: it is processed again after the rebalance
+                if not message.acked:
+                    message.acked = True
+                    self._unacked_messages.discard(message)
+                    notify(self._waiting_for_ack)
+            return False
+        return super().ack(message)
+
+    async def wait_empty(self) -> None:
+        """Faust's wait for the records being processed to be acknowledged (at a rebalance and at
+        a stop), bounded by ``STREAMS_WAIT_SECONDS``. Faust waits for ever, and can wait for a
+        record that will never be acknowledged: when it clears the streams' queues at a stop, a
+        record one stream of a topic has processed and another had only queued keeps its last
+        reference (seen: a worker SIGTERMed under load never stopped). What is not acknowledged
+        in time is not committed: the next owner processes it."""
+        deadline = time.monotonic() + STREAMS_WAIT_SECONDS
+        while not self.should_stop and self._unacked_messages and time.monotonic() < deadline:
+            await self.commit()
+            if not self._unacked_messages:
+                break
+            await self._wait_for_ack(timeout=1)
+            self._clean_unacked_messages()
+        if self._unacked_messages and not self.should_stop:
+            log.warning("%d records still being processed after %.0f s; going on without them (not committed: "
+                        "processed again by the next owner)", len(self._unacked_messages), STREAMS_WAIT_SECONDS)
+        await self.commit_and_end_transactions()
+
+    async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
+        # our streams' topics have no compaction and no transaction markers: a jump in the
+        # offsets read means records passed over, never records that are not there
+        log.debug("offsets %d..%d of %s:%d were not handed to the streams; not counted as processed",
+                  offset_from, offset_to, tp.topic, tp.partition)
+
+    def _new_offset(self, tp) -> int | None:
+        offset, done = next_commit(self._acked[tp], self._committed_offset.get(tp))
+        if done:
+            acked = self._acked[tp]
+            acked[:len(done)] = []   # ``done`` is the sorted head of ``acked``
+            self._acked_index[tp].difference_update(done)
+        return offset
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        # a partition never committed starts at the log's start (auto_offset_reset=earliest):
+        # without it, the first commit could pass over the records before the first acknowledged
+        unknown = [tp for tp in self.assignment() if self._committed_offset.get(tp) is None
+                   and self.app.topics.acks_enabled_for(tp.topic)]
+        if unknown:
+            try:
+                starts = await self.earliest_offsets(*unknown)
+            except Exception as exc:  # no commit for them until one is known (the next rebalance)
+                log.warning("cannot read the start offsets of %d partitions: %r", len(unknown), exc)
+                return
+            for tp in unknown:
+                if self._committed_offset.get(tp) is None and starts.get(tp) is not None:
+                    self._committed_offset[tp] = starts[tp]
 
     async def on_partitions_assigned(self, assigned, generation_id: int = 0) -> None:
         if not self._expel_hook_installed:

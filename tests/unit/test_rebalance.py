@@ -1,10 +1,10 @@
-"""The restore rule of streams/rebalance.py: a versioned key never steps back."""
+"""streams/rebalance.py: a versioned key never steps back; a commit never passes a record not processed."""
 
 from types import SimpleNamespace
 
 import orjson
 
-from streams.rebalance import install_expel_hook, newest_only, seq_of
+from streams.rebalance import GuardedMessage, install_expel_hook, mark_unsafe, newest_only, next_commit, seq_of
 
 
 def ev(key: bytes, value: bytes | None, partition: int = 0):
@@ -102,3 +102,82 @@ def test_default_instance_ids_differ_per_store_and_stay_put(tmp_path):
     assert default_instance_id("on-call", a) == default_instance_id("on-call", a)
     assert default_instance_id("on-call", a) != default_instance_id("on-call", b)
     assert default_instance_id("on-call", a).startswith("on-call-")
+
+
+# -- commits: only over offsets acknowledged one after another from the committed one ---------------
+
+def test_a_commit_advances_over_consecutive_acknowledgements_from_the_committed_offset():
+    acked = [44, 42, 43, 47]
+    assert next_commit(acked, 42) == (45, [42, 43, 44])
+    assert acked == [42, 43, 44, 47]  # sorted in place; the caller forgets the head
+
+
+def test_a_commit_waits_for_the_record_at_the_committed_offset():
+    # Faust itself would commit 44 here: one record (42) passed over without being processed
+    assert next_commit([43], 42) == (None, [])
+    assert next_commit([45, 46], 42) == (None, [])
+
+
+def test_no_commit_while_the_committed_offset_is_unknown():
+    # Faust itself would commit from whatever was acknowledged first
+    assert next_commit([5, 6, 7], None) == (None, [])
+    assert next_commit([], 3) == (None, [])
+
+
+def test_offsets_below_the_committed_one_are_forgotten_without_a_commit():
+    assert next_commit([3, 4], 10) == (None, [3, 4])
+    assert next_commit([3, 10, 11], 10) == (12, [3, 10, 11])
+
+
+class _Consumer:
+    """What ``GuardedMessage.ack`` reads of the consumer: its app's flow and generation."""
+
+    def __init__(self, active: bool = True, generation: int = 1):
+        self.app = SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: active),
+                                   consumer_generation_id=generation)
+        self.counted = []
+
+    def ack(self, message):  # the final acknowledgement
+        self.counted.append((message.offset, message.unsafe))
+        return True
+
+
+def _message(offset: int = 5, generation: int = 1, refcount: int = 1) -> GuardedMessage:
+    m = GuardedMessage("t", 0, offset, 0.0, 0, [], b"k", b"v", None, 1, 1, None, generation_id=generation)
+    m.refcount = refcount
+    return m
+
+
+def test_an_acknowledgement_while_processing_is_suspended_is_unsafe():
+    m = _message()
+    m.ack(_Consumer(active=False))
+    assert m.unsafe
+
+
+def test_an_acknowledgement_from_an_ended_generation_is_unsafe():
+    m = _message(generation=1)
+    m.ack(_Consumer(generation=2))
+    assert m.unsafe
+
+
+def test_one_stream_skipping_makes_the_record_unsafe_for_all():
+    # two projections read one topic: one skipped the record (a rebalance began), the other
+    # processed it later; the final acknowledgement must not count it as processed
+    m = _message(refcount=2)
+    m.ack(_Consumer(active=False))
+    c = _Consumer(active=True)
+    m.ack(c)
+    assert c.counted == [(5, True)]
+
+
+def test_an_acknowledgement_in_the_same_generation_while_flowing_is_safe():
+    m, c = _message(), _Consumer()
+    m.ack(c)
+    assert c.counted == [(5, False)]
+
+
+def test_a_failed_batch_marks_its_records_unsafe():
+    m = _message()
+    mark_unsafe(m)
+    assert m.unsafe
+    mark_unsafe(SimpleNamespace())  # another kind of message: nothing to mark
