@@ -1,6 +1,6 @@
 """What casestream adds to Faust so that rebalances, takeovers and zombies lose nothing.
 
-Found by the fault suite (tests/integration/test_faults.py) on Apache Kafka:
+Found by the fault suite (tests/reliability/test_faults.py) on Apache Kafka:
 
 * **Records lost inside the worker around a rebalance.** Seen in the
   fault suite: a record read by faust-streaming and handed to the stream
