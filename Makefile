@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test test-standin unit integration bench bench-projections bench-gateway bench-idle services-up services-down clean
+.PHONY: install run test test-standin unit integration reliability reliability-report bench bench-projections bench-gateway bench-idle services-up services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# the reliability suite alone (part of `make test` too): faults, a generator, a recorder, an oracle checker
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q tests/reliability
+
+# the reliability suite at a larger scale, its figures written to tests/reliability/RESULTS.md
+reliability-report: $(STAMP)
+	$(BIN)/python bench/reliability.py $(BENCH_ENGINES)
 
 # benchmarks start their own engines in a temporary directory:
 # ENGINES=apache|standin (default: CASESTREAM_ENGINES, else apache where a JDK 17+ and Maven are present)

@@ -1,6 +1,6 @@
 """What casestream adds to Faust so that rebalances, takeovers and zombies lose nothing.
 
-Found by the fault suite (tests/integration/test_faults.py) on Apache Kafka:
+Found by the fault suite (tests/reliability/test_faults.py) on Apache Kafka:
 
 * **Offsets committed past records never processed.** Found by the fault
   suite (projections a few versions behind the log, every offset committed).

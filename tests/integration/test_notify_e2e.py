@@ -11,7 +11,7 @@ import pytest
 
 from streams.domain.auth import verify_signature
 from streams.engines import free_port
-from tests.integration.receivers import Receiver
+from tests.receivers import Receiver
 from tests.integration.test_paging_e2e import Pager, _metric
 
 pytestmark = pytest.mark.integration

@@ -143,7 +143,7 @@ def _metric(port: int, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def pagers(engine_set, tmp_path_factory):
-    from tests.integration.conftest import _start_stack, _stop_stack
+    from tests.conftest import _start_stack, _stop_stack
 
     base = tmp_path_factory.mktemp("oncall")
     stack, own, root = _start_stack(base, engine_set, own_kafka=True)

@@ -1,4 +1,4 @@
-"""The fault suite's checker (tests/integration/checker.py) fails on bad histories, passes good ones."""
+"""The fault suite's checker (tests/reliability/checker.py) fails on bad histories, passes good ones."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from streams.domain import cases as domain  # noqa: E402
 from streams.domain.notify import decide_outcome  # noqa: E402
 from streams.domain.webhook import webhook_body  # noqa: E402
 from streams.oncall_config import load_oncall  # noqa: E402
-from tests.integration.checker import INFO, OK, Hit, History, check, run_model  # noqa: E402
+from tests.reliability.checker import INFO, OK, Hit, History, check, run_model  # noqa: E402
 
 MIN = 60_000
 CFG = """\

@@ -1,5 +1,5 @@
 """The fault suite: real worker processes and a real Kafka broker killed, stopped and scaled with real
-signals, judged by a Jepsen-style checker (tests/integration/checker.py: a history, a model, a verdict).
+signals, judged by a Jepsen-style checker (tests/reliability/checker.py: a history, a model, a verdict).
 
 1. Two workers of one tenant share its partitions; one is SIGKILLed while timers fire and deliveries
    are made: the survivor takes its partitions over (after the session timeout: static membership),
@@ -32,8 +32,8 @@ import pytest
 from streams.clock import FileClock
 from streams.config import get_tenant, load_topics
 from streams.oncall_config import load_oncall
-from tests.integration.checker import INFO, OK, Hit, History, check, run_model
-from tests.integration.receivers import Receiver
+from tests.reliability.checker import INFO, OK, Hit, History, check, run_model
+from tests.receivers import Receiver
 
 # A failed fault test runs once more before it fails the suite: the SIGSTOP and SIGKILL scenarios still lose
 # a projection update now and then (about one run in four; issue 10's closing note), and every other change
