@@ -24,6 +24,10 @@ Found by the fault suite (tests/reliability/test_faults.py) on Apache Kafka:
   record is processed again: idempotently); jumps count nothing; and a
   commit advances only over offsets acknowledged one after another from
   the committed one (the log's start offset when nothing was committed).
+  Records of our streams' topics fetched before a generation's seek to the
+  committed offsets are not handed over (Faust runs streams while it
+  restores tables; such a record could overtake an earlier one of its
+  partition read again after the seek).
   A partition whose commit then waits for a record dropped inside Faust is
   read again from its committed offset by ``streams.health.CommitWatch``
   (run by the health timer, ``agents/intake.py``).
@@ -227,8 +231,71 @@ class GuardedConsumer(faust_aiokafka.Consumer):
             self._acked_index[tp].difference_update(done)
         return offset
 
+    _seeks = 0                               # seeks to the committed offsets begun
+    _seeking = 0                             # ... and not done yet
+    _sought: tuple[int, int] | None = None   # (seeks, generation) of the last one done
+    _dropped: set | None = None              # partitions whose records were left out while one ran
+    _seek_failed: int | None = None          # the generation whose seek failed
+
+    def _settled(self) -> tuple[int, int] | None:
+        """This generation's seek to the committed offsets, if it is done (else None)."""
+        done = self._sought
+        current = (self._seeks, self.app.consumer_generation_id)
+        return done if done == current and not self._seeking else None
+
+    async def _wait_next_records(self, timeout: float):
+        """Faust's fetch, less the records of our streams' topics fetched before this
+        generation's seek to the committed offsets was done: Faust lets streams run while it
+        restores tables after a rebalance, and a record fetched from the old position could be
+        processed ahead of an earlier one of its partition that is read again after the seek
+        (seen: a command applied before the one sent before it). Their partitions are read
+        again from the committed offset once the seek is done."""
+        before = self._settled()
+        if before is None and not self._seeking and self._seek_failed == self.app.consumer_generation_id:
+            try:  # this generation's seek failed (a broker gone): nothing is handed over until one is done
+                await self.perform_seek()
+            except Exception as exc:
+                log.warning("seeking to the committed offsets failed again: %r", exc)
+                await self.sleep(1)
+                return {}, None
+            before = self._settled()
+        records, active = await super()._wait_next_records(timeout)
+        if records and (before is None or self._settled() != before):
+            left_out = {tp for tp in records if self.app.topics.acks_enabled_for(tp.topic)}
+            if left_out:
+                records = {tp: rs for tp, rs in records.items() if tp not in left_out}
+                if self._settled() is not None:   # the seek ended during this fetch
+                    await self._read_again(left_out)
+                else:                             # the seek running or to come reads them again
+                    self._dropped = (self._dropped or set()) | left_out
+        return records, active
+
+    async def _read_again(self, tps) -> None:
+        assigned = self.assignment()
+        for tp in tps:
+            committed = self._committed_offset.get(tp)
+            if tp in assigned and committed is not None:
+                await self.seek(tp, committed)
+
     async def perform_seek(self) -> None:
-        await super().perform_seek()
+        self._seeks += 1
+        self._seeking += 1
+        begun = (self._seeks, self.app.consumer_generation_id)
+        try:
+            await super().perform_seek()
+            await self._fill_start_offsets()
+        except BaseException:
+            self._seek_failed = begun[1]
+            raise
+        finally:
+            self._seeking -= 1
+        if begun == (self._seeks, self.app.consumer_generation_id):
+            self._sought = begun
+            dropped, self._dropped = self._dropped, None
+            if dropped:  # left out while the seek ran: perhaps fetched from its new position
+                await self._read_again(dropped)
+
+    async def _fill_start_offsets(self) -> None:
         # a partition never committed starts at the log's start (auto_offset_reset=earliest):
         # without it, the first commit could pass over the records before the first acknowledged
         unknown = [tp for tp in self.assignment() if self._committed_offset.get(tp) is None
