@@ -23,8 +23,9 @@ partitioned like that topic; the scan below reads only the pending ones):
   ``NotificationDelivered`` / ``NotificationFailed`` / ``EndpointDisabled`` on
   the case's timeline.
 
-A circuit breaker per endpoint (in memory) stops attempts to an endpoint
-that keeps failing and probes it again later; ``disable_after`` permanent
+A circuit breaker per endpoint (in memory, dropped with its metric series
+once a reload removes the endpoint) stops attempts to an endpoint that
+keeps failing and probes it again later; ``disable_after`` permanent
 failures in a row disable the endpoint (kept in the table until its URL
 changes in the configuration). After a crash the table still holds every
 pending delivery, and an attempt whose result was not recorded is made
@@ -72,6 +73,13 @@ def register(topo: Topology, tick: float = 0.5) -> None:
         if name not in breakers:
             breakers[name] = policy.CircuitBreaker(d.breaker_failures, d.breaker_open, max(d.breaker_open, 3600.0))
         return breakers[name]
+
+    def forget_removed(cfg) -> None:
+        """The breakers (and metric series) of endpoints no longer configured go: however often a reload
+        changes the endpoints, there are no more of them than endpoints configured."""
+        for name in [n for n in breakers if endpoint_for(cfg, n) is None]:
+            del breakers[name]
+            metrics.BREAKER_STATE.remove(tname, name)
 
     def load(table, key: str) -> dict | None:
         raw = table.get(key)
@@ -223,6 +231,7 @@ def register(topo: Topology, tick: float = 0.5) -> None:
         if not app.tables.recovery.completed.is_set():
             return
         cfg, now = topo.oncall.current, now_s()
+        forget_removed(cfg)
         pending = 0
         for _key, raw in topo.deliveries.items():
             d = orjson.loads(raw)

@@ -31,14 +31,18 @@ class Hit:
 @dataclass
 class Receiver:
     """``script[path]``: a list of answers used in turn (the last one repeats). An answer is
-    a status, or (status, headers), or ("sleep", seconds, status)."""
+    a status, or (status, headers), or ("sleep", seconds, status). ``host``: the loopback
+    address it listens on; ``connections``: TCP connections accepted (counted at accept,
+    before a byte of a request is read)."""
 
     script: dict[str, list] = field(default_factory=dict)
     hits: list[Hit] = field(default_factory=list)
     port: int = 0
+    host: str = "127.0.0.1"
+    connections: int = 0
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def start(self) -> "Receiver":
         self.port = free_port()
@@ -70,7 +74,12 @@ class Receiver:
             app.router.add_route("*", "/{tail:.*}", handler)
             runner = web.AppRunner(app)
             self._loop.run_until_complete(runner.setup())
-            self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+
+            def accepted():
+                self.connections += 1
+                return runner.server()
+
+            self._loop.run_until_complete(self._loop.create_server(accepted, self.host, self.port))
             ready.set()
             self._loop.run_forever()
 
