@@ -1,8 +1,12 @@
 """Projection agents: T.domain-events -> sinks, in batches.
 
 One agent per sink, each its own Faust agent over the domain-event log, so
-a slow or unreachable sink pauses only itself (its ``write_batch`` retries
-with backoff and does not return) while intake keeps flowing. A record the
+a slow or unreachable sink pauses itself (its ``write_batch`` retries with
+backoff and does not return) while intake keeps flowing. The other sink goes
+on until the paused agent's stream buffer is full (``stream_buffer_maxsize``,
+4 096 events); then the consumer pauses the domain-event partitions for both
+agents (they share it), which keeps memory bounded, and both catch up once
+the server is back. A record the
 sink refused for good is dead-lettered (``projection_rejected``, on the
 tenant's ``T.dlq``) and counted, and the partition keeps flowing.
 """

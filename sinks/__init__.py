@@ -21,9 +21,10 @@ def build_sinks(settings, tenant) -> list[Sink]:
             sinks.append(PostgresSink(settings.postgres_dsn, database_name(tenant.name, settings.db_prefix), tenant))
         elif name == "elasticsearch":
             from sinks.elasticsearch import ElasticsearchSink, index_name
+            from sinks.history import LogHistory
 
             sinks.append(ElasticsearchSink(settings.elasticsearch_url, index_name(tenant, settings.index_prefix),
-                                           tenant))
+                                           tenant, LogHistory(settings.kafka_bootstrap_servers)))
         else:
             raise ConfigError(f"CASESTREAM_PROJECTIONS: unknown sink '{name}'; known sinks: {', '.join(KNOWN)}")
     return sinks

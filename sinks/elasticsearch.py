@@ -5,7 +5,12 @@ mapping. Each batch: fetch the current documents of the batch's cases
 (``mget``), fold the new events into them with the domain's ``apply``, and
 write them in one ``bulk`` with external versioning on the case ``version``
 -- duplicates and replays are harmless, an older version never overwrites a
-newer one, and a version conflict counts as success.
+newer one, and a version conflict counts as success. A document behind the
+batch's events (a version gap: the document was refused before, or a record
+never reached the sink) is repaired, not left: the events in between are read
+back from the domain-event log (``sinks/history.py``) and folded in, so the
+document always ends equal to the fold of the case's events
+(``casestream_projection_repairs_total``).
 
 Errors: connection errors, timeouts, 429 and 502/503/504 answers (after the
 client's own retries) and bulk items answered 429 or 5xx are transient: the
@@ -31,6 +36,8 @@ from __future__ import annotations
 import logging
 
 from sinks.base import Backoff, Rejected, SinkRecord
+from sinks.history import CaseHistory, Gap
+from streams import metrics
 from streams.config import Tenant
 from streams.domain import cases as domain
 
@@ -128,12 +135,13 @@ def state_from_document(doc: dict) -> dict:
 class ElasticsearchSink:
     name = "elasticsearch"
 
-    def __init__(self, url: str, index: str, tenant: Tenant, backoff: Backoff | None = None,
+    def __init__(self, url: str, index: str, tenant: Tenant, history: CaseHistory, backoff: Backoff | None = None,
                  create: bool = True):
         self.url = url
         self.index = index
         self.create = create  # False: the index is made by someone else (a rebuild)
         self.tenant = tenant
+        self.history = history  # where a case's events missing from a batch are read back (sinks/history.py)
         self.backoff = backoff or Backoff()
         self.client = None
         self.skipped = 0
@@ -193,30 +201,40 @@ class ElasticsearchSink:
         if unread:  # e.g. a shard not recovered yet after a restart: "not found" would skip its events
             raise _Retryable(f"mget {unread[0].get('_id')}: {unread[0]['error']}")
         current = {d["_id"]: d["_source"] for d in got.body["docs"] if d.get("found")}
-        ops: list[dict] = []
-        folded: list[list[SinkRecord]] = []   # per document written: the records folded into it
+        indexed: dict[str, dict | None] = {}   # the state of each case's document (None: no document)
+        pending: dict[str, dict[int, dict]] = {}  # case -> version -> event to fold onto it
+        gaps: list[Gap] = []
         for cid in ids:
             doc = current.get(cid)
             state = state_from_document(doc) if doc else None
             version = state["version"] if state else 0
             # one event per version: a batch may hold an event twice (Kafka redelivers at least once), and a
             # repeat must not end the fold below early (what came after it would never be indexed)
-            evs = sorted({e["version"]: e for e in by_case[cid] if e["version"] > version}.values(),
-                         key=lambda e: e["version"])
+            evs = {e["version"]: e for e in by_case[cid] if e["version"] > version}
             if not evs:
                 continue  # all already indexed: a redelivery
-            if evs[0]["version"] != version + 1:
-                self.skipped += 1
-                log.warning("%s: %s has version %d indexed, next event is %d; left for a replay",
-                            self.index, cid, version, evs[0]["version"])
-                continue
-            used = []
-            for e in evs:
-                if e["version"] != (state["version"] if state else 0) + 1:
+            indexed[cid], pending[cid] = state, evs
+            if sorted(evs) != list(range(version + 1, version + 1 + len(evs))):
+                last = record_of[(cid, max(evs))]   # the events in between sit below it in the log
+                gaps.append(Gap(cid, version, last.topic, last.partition, last.offset))
+        repaired = await self._repair(gaps, pending) if gaps else set()
+        ops: list[dict] = []
+        written: list[tuple[str, list[SinkRecord]]] = []   # per document written: its case, the records in it
+        for cid, evs in pending.items():
+            state, used = indexed[cid], []
+            for v in sorted(evs):
+                if v != (state["version"] if state else 0) + 1:
+                    self.skipped += 1
+                    log.error("%s: %s: version %d is in neither the batch nor the domain-event log; "
+                              "indexed up to %s", self.index, cid, (state["version"] if state else 0) + 1,
+                              state and state["version"])
                     break
-                state = domain.apply(self.tenant, state, e)
-                used.append(record_of[(cid, e["version"])])
-            folded.append(used)
+                state = domain.apply(self.tenant, state, evs[v])
+                if (cid, v) in record_of:
+                    used.append(record_of[(cid, v)])
+            if state is indexed[cid]:
+                continue  # nothing to fold: the next version is missing
+            written.append((cid, used))
             ops.append({"index": {"_index": self.index, "_id": cid, "version": state["version"],
                                   "version_type": "external"}})
             ops.append(document(state))
@@ -226,7 +244,7 @@ class ElasticsearchSink:
         resp = await self.client.bulk(operations=ops, refresh=False)
         rejected: list[Rejected] = []
         if resp.body.get("errors"):
-            for item, used in zip(resp.body["items"], folded):
+            for item, (cid, used) in zip(resp.body["items"], written):
                 res = item.get("index", {})
                 status = res.get("status", 200)
                 if status == 409 or status < 300:
@@ -234,10 +252,35 @@ class ElasticsearchSink:
                 if status == 429 or status >= 500:
                     raise _Retryable(f"bulk item {res.get('_id')}: {status} {res.get('error')}")
                 self.skipped += 1
+                repaired.discard(cid)
                 why = f"bulk item {status}: {_error_text(res.get('error'))}"
                 log.error("%s: document %s refused for good (dead-lettered): %s", self.index, res.get("_id"), why)
                 rejected.extend(Rejected(r, why) for r in used)
+        if repaired:
+            metrics.PROJECTION_REPAIRS.labels(self.tenant.name, self.name).inc(len(repaired))
         return rejected
+
+    async def _repair(self, gaps: list[Gap], pending: dict[str, dict[int, dict]]) -> set[str]:
+        """Add the events the batch lacks between each gap's document and its events, read back from the
+        domain-event log, to ``pending``; the cases now gapless."""
+        from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+        try:
+            found = await self.history.missing(gaps)
+        except KafkaError as exc:  # the log unreachable for the moment: the batch is retried
+            if exc.retriable or isinstance(exc, KafkaTimeoutError):
+                raise _Retryable(f"reading the domain-event log back: {exc!r}") from exc
+            raise
+        repaired = set()
+        for g in gaps:
+            evs = pending[g.case_id]
+            for e in found.get(g.case_id, ()):
+                evs.setdefault(e["version"], e)
+            if sorted(evs) == list(range(g.indexed + 1, g.indexed + 1 + len(evs))):
+                repaired.add(g.case_id)
+                log.warning("%s: %s had version %d indexed and the batch lacks versions after it; those were "
+                            "read back from %s[%d]", self.index, g.case_id, g.indexed, g.topic, g.partition)
+        return repaired
 
     async def flush(self) -> None:
         """Searchable now (a rebuild's end), not at the server's next refresh."""

@@ -22,6 +22,10 @@ PROJECTION_REJECTED = Counter(
     "casestream_projection_rejected_events_total",
     "Domain events a sink refused for good (their document rejected by the index), dead-lettered "
     "projection_rejected.", ["tenant", "sink"])
+PROJECTION_REPAIRS = Counter(
+    "casestream_projection_repairs_total",
+    "Documents found behind the events to write (a version gap: refused before, a record skipped) and "
+    "repaired with the events in between, read back from the domain-event log.", ["tenant", "sink"])
 APPLY_SECONDS = Histogram(
     "casestream_apply_duration_seconds", "Time to decide and apply one batch of routed intake messages.", ["tenant"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))

@@ -63,9 +63,10 @@ class Progress:
             sys.stderr.flush()
 
 
-async def _read_log(bootstrap: str, topic: str, start: dict | None, end: dict,
+async def read_log(bootstrap: str, topic: str, start: dict | None, end: dict,
                     on_batch: Callable[[list[SinkRecord]], "asyncio.Future"], batch_size: int = 1000) -> int:
-    """Feed records of every partition from ``start`` (None: the beginning) up to ``end`` (exclusive)."""
+    """Feed records of every partition from ``start`` (None: the beginning) up to ``end`` (exclusive),
+    decoded, to ``on_batch`` (also how the Elasticsearch sink reads a case's missing events back)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
@@ -126,18 +127,20 @@ async def _replay_elasticsearch(settings, tenant, topic, end, rebuild, bar) -> R
     from elasticsearch import AsyncElasticsearch
 
     from sinks.elasticsearch import ElasticsearchSink, concrete_index_name, create_index, index_name
+    from sinks.history import LogHistory
 
     alias = index_name(tenant, settings.index_prefix)
+    history = LogHistory(settings.kafka_bootstrap_servers)
     result = ReplayResult("elasticsearch", target=alias)
     client = AsyncElasticsearch(settings.elasticsearch_url, request_timeout=60)
     try:
         if not rebuild:
-            result.events = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant),
+            result.events = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant, history),
                                         topic, None, end, bar)
             return result
         concrete = concrete_index_name(alias)
         await create_index(client, concrete)
-        result.events = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, concrete, tenant,
+        result.events = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, concrete, tenant, history,
                                                                 create=False), topic, None, end, bar)
         old = []
         if await client.indices.exists_alias(name=alias):
@@ -158,7 +161,7 @@ async def _replay_elasticsearch(settings, tenant, topic, end, rebuild, bar) -> R
         result.notes.append(f"replaced {', '.join(old) or 'nothing'}")
         # what arrived while rebuilding went to the old index: re-apply it to the new one
         now_end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
-        result.caught_up = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant,
+        result.caught_up = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant, history,
                                                                    create=False), topic, end, now_end, None)
         return result
     finally:
@@ -195,7 +198,7 @@ async def _fill(settings, sink, topic: str, start: dict | None, end: dict, bar: 
 
     await sink.open()
     try:
-        n = await _read_log(settings.kafka_bootstrap_servers, topic, start, end, feed)
+        n = await read_log(settings.kafka_bootstrap_servers, topic, start, end, feed)
         await sink.flush()
         return n
     finally:

@@ -10,11 +10,22 @@ import pytest
 
 from schemas import decode, encode
 from sinks.base import SinkRecord
-from sinks.elasticsearch import MAPPING, ElasticsearchSink, document
+from sinks import build_sinks
+from sinks.elasticsearch import MAPPING, ElasticsearchSink, document, index_name
 from streams.config import get_tenant
 from streams.domain.cases import replay
+from streams.settings import load_settings
+from tests.reliability.checker import clean
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
+
+
+class NoGaps:
+    """The log of batches without a version gap: never read back."""
+
+    async def missing(self, gaps):
+        raise AssertionError(f"version gaps in batches that have none: {gaps}")
+
 
 
 def test_cases_become_documents(stack, run_id):
@@ -59,7 +70,7 @@ def test_duplicates_and_older_versions_never_overwrite(stack, run_id):
     index = f"{stack.index_prefix}direct-{run_id}"
 
     async def drive():
-        sink = ElasticsearchSink(stack.elasticsearch, index, tenant)
+        sink = ElasticsearchSink(stack.elasticsearch, index, tenant, NoGaps())
         await sink.open()
         try:
             recs = [SinkRecord("t", 0, i, e) for i, e in enumerate(events)]
@@ -79,6 +90,115 @@ def test_duplicates_and_older_versions_never_overwrite(stack, run_id):
         assert doc["_version"] == 3 and doc["_source"]["occurrence_count"] == 3 and doc["_source"]["version"] == 3
     finally:
         stack.es_drop(index)
+
+
+# --------------------------------------------------------------------------
+# a version gap is repaired from the domain-event log
+# --------------------------------------------------------------------------
+
+CASE = ("trigger", "trigger", "acknowledge", "trigger", "resolve")   # versions 1-5 of one case
+
+
+def _case_in_the_log(stack, tenant: str, key: str, run_id: str) -> list[SinkRecord]:
+    """A case of five versions made by the session's worker, its events read from T.domain-events with
+    their coordinates, in version order: what the live indexer is fed."""
+    stack.send(tenant, [{"event_id": f"{run_id}-{key}-{i}", "action": a, "dedup_key": key, "summary": "gap"}
+                        for i, a in enumerate(CASE)])
+    found = stack.read(tenant, "domain-events", lambda r: r.get("dedup_key") == key,
+                       until=lambda f: len({e["version"] for e in f}) == len(CASE))
+    by_version = {e["version"]: e for e in found}
+    return [SinkRecord(stack.topic(tenant, "domain-events"), e["_partition"], e["_offset"], clean(e))
+            for _, e in sorted(by_version.items())]
+
+
+def _live_indexer(stack, tenant: str, prefix: str):
+    """The Elasticsearch sink a worker builds (``build_sinks``), over the index ``<prefix>cases-<tenant>``."""
+    settings = load_settings(dict(stack.env, CASESTREAM_PROJECTIONS="elasticsearch", CASESTREAM_INDEX_PREFIX=prefix))
+    sink, = build_sinks(settings, get_tenant(tenant))
+    return sink
+
+
+def _repairs(tenant: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("casestream_projection_repairs_total",
+                                     {"tenant": tenant, "sink": "elasticsearch"}) or 0.0
+
+
+GAPS = {  # batch by batch, the versions of the case that reach the indexer
+    "out of order": [[1], [3, 4], [2], [5]],
+    "a gap inside a batch": [[1, 3, 5]],
+    "no document yet": [[4, 5]],
+}
+
+
+def test_a_version_gap_is_repaired_from_the_log(stack, run_id):
+    """Whatever order a case's events reach the indexer in, its document ends (and, from the first
+    batch past the gap, stays) equal to the fold of every event of the case: the events the batch lacks
+    are read back from the log, not left for a replay."""
+    tenant = "on-call"
+    cases = {name: _case_in_the_log(stack, tenant, f"{run_id}/gap{i}", run_id) for i, name in enumerate(GAPS)}
+    prefix = f"{stack.index_prefix}gap-{run_id}-"
+    sink = _live_indexer(stack, tenant, prefix)
+    repairs = _repairs(tenant)
+
+    async def drive():
+        seen = {}
+        await sink.open()
+        try:
+            for name, batches in GAPS.items():
+                records, seen[name] = cases[name], []
+                for batch in batches:
+                    assert await sink.write_batch([records[v - 1] for v in batch]) == []
+                    doc = await sink.client.get(index=sink.index, id=records[0].event["case_id"])
+                    seen[name].append(doc.body["_source"]["version"])
+            return seen
+        finally:
+            await sink.close()
+
+    try:
+        seen = asyncio.run(drive())
+        for name, batches in GAPS.items():
+            events = [r.event for r in cases[name]]
+            doc = stack.es("GET", f"/{index_name(get_tenant(tenant), prefix)}/_doc/{events[0]['case_id']}")
+            assert doc["_source"] == document(replay(get_tenant(tenant), events)), name
+            # each batch leaves the document at the newest version seen so far
+            assert seen[name] == [max(v for b in batches[:i + 1] for v in b) for i in range(len(batches))], name
+        assert _repairs(tenant) - repairs == len(GAPS)
+    finally:
+        stack.es_drop(index_name(get_tenant(tenant), prefix))
+
+
+def test_a_document_refused_once_then_accepted_is_repaired(stack, run_id):
+    """The index refuses a case's document for good (a write block: 403), so those events are handed
+    back to be dead-lettered; once the index accepts documents again, the case's next event brings the
+    document up to the fold of all its events, the refused ones included."""
+    tenant = "on-call"
+    records = _case_in_the_log(stack, tenant, f"{run_id}/refused", run_id)
+    prefix = f"{stack.index_prefix}refused-{run_id}-"
+    sink = _live_indexer(stack, tenant, prefix)
+
+    async def drive():
+        await sink.open()
+        try:
+            assert await sink.write_batch(records[:1]) == []
+            await sink.client.indices.put_settings(index=sink.index, settings={"index.blocks.write": True})
+            refused = await sink.write_batch(records[1:3])
+            await sink.client.indices.put_settings(index=sink.index, settings={"index.blocks.write": False})
+            for r in records[3:]:
+                assert await sink.write_batch([r]) == []
+            return refused
+        finally:
+            await sink.close()
+
+    try:
+        refused = asyncio.run(drive())
+        assert [r.record for r in refused] == records[1:3] and "403" in refused[0].reason, refused
+        events = [r.event for r in records]
+        doc = stack.es("GET", f"/{index_name(get_tenant(tenant), prefix)}/_doc/{events[0]['case_id']}")
+        assert doc["_source"] == document(replay(get_tenant(tenant), events))
+    finally:
+        stack.es_drop(index_name(get_tenant(tenant), prefix))
 
 
 # --------------------------------------------------------------------------
@@ -104,7 +224,7 @@ def _wire(events: list[dict]) -> list[dict]:
 
 def _drive(url: str, index: str, tenant, batches: list[list[dict]], create: bool = True) -> int:
     async def run():
-        sink = ElasticsearchSink(url, index, tenant, create=create)
+        sink = ElasticsearchSink(url, index, tenant, NoGaps(), create=create)
         await sink.open()
         try:
             for n, batch in enumerate(batches):

@@ -16,6 +16,7 @@ from fastavro.validation import validate
 from helpers import CM, World, trigger
 from sinks.base import Backoff, Rejected, SinkRecord
 from sinks.elasticsearch import ElasticsearchSink
+from sinks.history import Gap
 from streams.config import PROJECT_ROOT
 
 DLQ_SCHEMA = parse_schema(orjson.loads((PROJECT_ROOT / "schemas/json/DeadLetter.avsc").read_bytes()))
@@ -139,10 +140,10 @@ def _items(statuses: dict[int, tuple[int, dict | None]]):
     return answer
 
 
-def _sink(client) -> tuple[ElasticsearchSink, Sleeps]:
+def _sink(client, history=None) -> tuple[ElasticsearchSink, Sleeps]:
     sleeps = Sleeps()
-    sink = ElasticsearchSink("http://unused", "cases-case-management", CM, backoff=Backoff(sleep=sleeps),
-                             create=False)
+    sink = ElasticsearchSink("http://unused", "cases-case-management", CM, history or History([]),
+                             backoff=Backoff(sleep=sleeps), create=False)
     sink.client = client
     return sink, sleeps
 
@@ -215,3 +216,50 @@ def test_replaying_a_refused_document_says_to_reindex():
     dl["source"]["topic"] = family.name("domain-events")
     p = dlq.plan(dl, CM, family)
     assert not p.publish and "reindex" in p.skip
+
+
+class History:
+    """The domain-event log as the sink reads it back: scripted answers (an exception is raised; none
+    left: the test did not expect the log to be read)."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.asked: list[list[Gap]] = []
+
+    async def missing(self, gaps):
+        self.asked.append(gaps)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _one_case(versions: int) -> list[dict]:
+    w = World(CM)
+    w.open_case("k")
+    for _ in range(versions - 1):
+        w.send(trigger("k"))
+    return w.events
+
+
+def test_a_gap_is_filled_from_the_log_even_when_kafka_is_away_a_moment():
+    from aiokafka.errors import KafkaConnectionError
+
+    events = _one_case(3)
+    client = Client([_items({})])
+    history = History([KafkaConnectionError("broker away"), {events[0]["case_id"]: [events[0]]}])
+    sink, sleeps = _sink(client, history)
+    # nothing indexed (the client's mget), and the batch holds versions 2 and 3 of the case
+    assert asyncio.run(sink.write_batch([SinkRecord("t", 4, 10 + i, e) for i, e in enumerate(events[1:])])) == []
+    assert history.asked[-1] == [Gap(events[0]["case_id"], 0, "t", 4, 11)]
+    assert len(sleeps.calls) == 1 and len(client.bulks) == 1     # retried, then written once
+    (op, doc), = zip(client.bulks[0][0::2], client.bulks[0][1::2])
+    assert op["index"]["version"] == 3 and doc["occurrence_count"] == 3
+
+
+def test_a_gap_the_log_cannot_fill_leaves_the_document_and_says_so():
+    events = _one_case(3)
+    client = Client([])
+    sink, sleeps = _sink(client, History([{}]))
+    assert asyncio.run(sink.write_batch([SinkRecord("t", 0, 5, events[2])])) == []
+    assert client.bulks == [] and sink.skipped == 1 and sleeps.calls == []
