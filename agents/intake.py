@@ -560,8 +560,10 @@ def register_health(topo: Topology, bootstrap_servers: str, inputs: set[str], in
         stalled_for = detector.stalled_for(now)
         committed = {tp: consumer._committed_offset.get(tp) for tp in stream_tps}
         in_flight = {m.tp for m in list(consumer._unacked_messages)}
+        # while the broker does not answer, commits cannot move either: watch only while it does
+        watched_tps = stream_tps if lag is not None else []
         for tp in watch.observe(now, {tp: (committed[tp], consumer._read_offset.get(tp), tp in in_flight)
-                                      for tp in stream_tps}):
+                                      for tp in watched_tps}):
             # a record read and lost inside the worker around a rebalance (streams/rebalance.py): again
             log.warning("partition %s: the commit is stuck at offset %s behind records read but never "
                         "processed; reading them again from there", name[tp], committed[tp])
