@@ -307,7 +307,7 @@ class Stack:
                                 d = {"_raw": rec.value.decode("utf-8", errors="replace") if rec.value else None}
                             if not isinstance(d, dict):
                                 d = {"_json": d}
-                        d["_partition"], d["_offset"] = rec.partition, rec.offset
+                        d["_partition"], d["_offset"], d["_timestamp"] = rec.partition, rec.offset, rec.timestamp
                         d["_headers"] = {k: v.decode() for k, v in (rec.headers or ())}
                         if match(d):
                             found.append(d)

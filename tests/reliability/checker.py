@@ -6,8 +6,10 @@
   messages may or may not be in the log) and moves of the workers' file
   clock. Observations, read at the end: every record of the domain-event
   log (repeats included), of the relay topics, every request the webhook
-  receivers got, and the projections (PostgreSQL, Elasticsearch) and what a
-  replay of the log rebuilt.
+  receivers got, the dead letters of the run, and the projections
+  (PostgreSQL states, rows and timeline, Elasticsearch documents) and what a
+  replay of the log rebuilt. A message sent without ``event_id`` is known by
+  its record (``record_event_id``): its send carries the record ids.
 * **Model** -- the pure domain (``streams.domain.cases.InMemory``, with the
   tenant's on-call configuration): fed the operations in order, it says
   which domain events must exist (exact, ids included), which deliveries
@@ -19,7 +21,28 @@
 * **Verdict** -- every anomaly found, by kind, with examples, and counts
   (raw repeats are reported, not errors: delivery is at least once, and
   consumers deduplicate by ``event_id`` / ``(case_id, version)`` / delivery
-  id).
+  id), and the three figures of the report (``Verdict.lost`` / ``doubled`` /
+  ``divergent``):
+
+  - *lost*: acknowledged inputs (intake event ids, timers) with fewer effects
+    in the log than the model gives them (per case and event type), plus
+    expected dead letters never written, deliveries never made and delivery
+    outcomes never recorded;
+  - *doubled*: effects present twice: a ``(case, version)`` with two
+    different events (in the log or on a relay topic), an input with more
+    effects of one type in one case than the model gives it (a trigger
+    counted twice, a timer fired twice), a delivery outcome recorded twice
+    (the receiver getting a delivery id again is a raw repeat, reported);
+  - *divergent*: cases whose final state differs from the oracle's (the
+    model's events and the delivery outcomes observed after them): a case
+    whose log is not exactly that (an event lost, changed, unexpected, a
+    gap), whose PostgreSQL state, timeline or rows, or Elasticsearch
+    document (the whole document of the folded state), differs from the fold
+    of its log or from a rebuild, or whose events on a relay topic are not
+    the oracle's (input set = output set, the same content, per-case order);
+    and anything else found wrong (a delivery with two bodies, an unexpected
+    dead letter), one per item. A lost event also makes its case diverge: it
+    counts in both.
 
 What "once" means here:
 
@@ -57,12 +80,14 @@ from streams.domain.intake import Rejection, parse
 from streams.domain.notify import OUTCOME_TYPES
 from streams.domain.notify import deliveries as deliveries_for
 from streams.domain.relay import route_events
+from sinks.elasticsearch import document
 
 OK, INFO = "ok", "info"
+LOST, DOUBLED, DIVERGENT = "lost", "doubled", "divergent"
 
 
 def clean(record: dict) -> dict:
-    """A decoded record without the reader's ``_partition`` / ``_offset`` / ``_headers``."""
+    """A decoded record without the reader's ``_partition`` / ``_offset`` / ``_timestamp`` / ``_headers``."""
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
@@ -82,22 +107,29 @@ class Hit:
 
 @dataclass
 class History:
-    ops: list[tuple] = field(default_factory=list)   # ("send", status, [raw bytes], at_ms) | ("clock", at_ms)
+    # ("send", status, [raw bytes], at_ms, [record id or None] or None) | ("clock", at_ms)
+    ops: list[tuple] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)  # every domain-event record read, repeats included
     relay: dict[str, list[dict]] = field(default_factory=dict)  # subscription id -> records read
     hits: list[Hit] = field(default_factory=list)
+    dead_letters: list[dict] | None = None           # the run's records of T.dlq (None: not recorded)
     # projections, case id -> row/document: live and rebuilt by a replay
     pg_states: dict[str, dict] | None = None          # case_states.state
     pg_timeline: set[tuple[str, int, str]] | None = None  # (case_id, version, event_id)
+    pg_rows: dict[str, dict] | None = None            # table -> row key -> row (every column)
     es_docs: dict[str, dict] | None = None            # _source
     replay_pg_states: dict[str, dict] | None = None
     replay_pg_timeline: set[tuple[str, int, str]] | None = None
+    replay_pg_rows: dict[str, dict] | None = None
     replay_es_docs: dict[str, dict] | None = None
 
-    def send(self, messages: list, at_ms: int, status: str = OK) -> None:
+    def send(self, messages: list, at_ms: int, status: str = OK, record_ids: list[str] | None = None) -> None:
+        """Messages published at ``at_ms`` (their record timestamp); ``record_ids``: each record's
+        identity (``record_event_id``), what a message without ``event_id`` is known by."""
         assert status in (OK, INFO), status
         raws = [m if isinstance(m, bytes) else orjson.dumps(m) for m in messages]
-        self.ops.append(("send", status, raws, at_ms))
+        assert record_ids is None or len(record_ids) == len(raws), (len(raws), record_ids)
+        self.ops.append(("send", status, raws, at_ms, record_ids))
 
     def clock(self, at_ms: int) -> None:
         self.ops.append(("clock", at_ms))
@@ -111,13 +143,35 @@ class Verdict:
     anomalies: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     stats: dict[str, int] = field(default_factory=dict)
     detail: str = ""   # the first diverging case, observed against the model, version by version
+    # LOST / DOUBLED / DIVERGENT -> what is counted: inputs, effects, cases (module docstring)
+    tally: dict[str, set] = field(default_factory=lambda: {LOST: set(), DOUBLED: set(), DIVERGENT: set()})
 
     @property
     def ok(self) -> bool:
         return not any(self.anomalies.values())
 
-    def add(self, kind: str, what) -> None:
+    @property
+    def lost(self) -> int:
+        return len(self.tally[LOST])
+
+    @property
+    def doubled(self) -> int:
+        return len(self.tally[DOUBLED])
+
+    @property
+    def divergent(self) -> int:
+        return len(self.tally[DIVERGENT])
+
+    def add(self, kind: str, what, count: tuple[str, object] | None = None) -> None:
+        """An anomaly; ``count``: (LOST | DOUBLED | DIVERGENT, what it counts as). An anomaly
+        counted nowhere else is one divergent item of its own."""
         self.anomalies[kind].append(what)
+        category, ident = count or (DIVERGENT, (kind, repr(what)))
+        self.tally[category].add(ident)
+
+    def counted(self, category: str, ident) -> None:
+        """Count ``ident`` under ``category`` where an anomaly already says what is wrong."""
+        self.tally[category].add(ident)
 
     def __str__(self) -> str:
         lines = [f"verdict: {'ok' if self.ok else 'INVALID'}; " + ", ".join(f"{k} {v}" for k, v in self.stats.items())]
@@ -140,6 +194,7 @@ class Model:
         self.deliveries: dict[str, dict] = {}          # delivery id -> request
         self.relayed: dict[str, list[dict]] = defaultdict(list)  # subscription id -> events
         self.rejected: list[tuple[bytes, str]] = []
+        self.dead_letters: list[dict] = []     # what each rejection writes to T.dlq: reason, event_id, original
 
     def _record(self, before_entries: dict, events: list[dict]) -> None:
         if not events:
@@ -153,15 +208,19 @@ class Model:
             for sub, e in route_events(self.tenant, self.oncall.subscriptions, before, events):
                 self.relayed[sub.id].append(e)
 
-    def send(self, raw: bytes, at_ms: int) -> None:
-        it = parse(raw, self.tenant, at_ms)
+    def _reject(self, raw: bytes, reason: str, event_id: str | None) -> None:
+        self.rejected.append((raw, reason))
+        self.dead_letters.append({"reason": reason, "event_id": event_id, "original": raw.decode("utf-8", "replace")})
+
+    def send(self, raw: bytes, at_ms: int, record_id: str | None = None) -> None:
+        it = parse(raw, self.tenant, at_ms, record_id)
         if isinstance(it, Rejection):
-            self.rejected.append((raw, it.reason))
+            self._reject(raw, it.reason, record_id)
             return
         before = dict(self.mem.entries)   # decisions copy entries, never change them in place
         d = self.mem.handle(it)
         if d.rejection is not None:
-            self.rejected.append((raw, d.rejection.reason))
+            self._reject(raw, d.rejection.reason, it.event_id)
         self._record(before, d.events)
 
     def advance(self, now_ms: int) -> None:
@@ -182,10 +241,11 @@ def run_model(history: History, tenant: Tenant, oncall=None) -> Model:
         if op[0] == "clock":
             model.advance(op[1])
             continue
-        _, status, raws, at_ms = op
-        for raw in raws:
+        status, raws, at_ms = op[1:4]
+        record_ids = (op[4] if len(op) > 4 else None) or [None] * len(raws)
+        for raw, record_id in zip(raws, record_ids):
             if status == OK:
-                model.send(raw, at_ms)
+                model.send(raw, at_ms, record_id)
             else:  # indeterminate: applied iff the log says so
                 event_id = orjson.loads(raw).get("event_id")
                 if event_id in observed_causes:
@@ -194,14 +254,15 @@ def run_model(history: History, tenant: Tenant, oncall=None) -> Model:
 
 
 def _distinct(records: list[dict], verdict: Verdict, what: str) -> dict[tuple[str, int], dict]:
-    """(case, version) -> the one event; a second, different event under one pair is an anomaly."""
+    """(case, version) -> the one event; a second, different event under one pair is an anomaly
+    (a doubled effect)."""
     out: dict[tuple[str, int], dict] = {}
     for r in records:
         e = clean(r)
         k = (e["case_id"], e["version"])
         if k in out and out[k] != e:
             verdict.add(f"{what}conflict", (k, out[k]["event_id"], e["event_id"]) if out[k]["event_id"] != e["event_id"]
-                        else (k, "same event id, different content"))
+                        else (k, "same event id, different content"), (DOUBLED, (what or "log", k)))
             continue
         out.setdefault(k, e)
     return out
@@ -237,10 +298,10 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
         model_last[cid] = max(model_last[cid], ver)
     for k, e in want.items():
         if k not in got:
-            v.add("lost", (k, e["type"], e["caused_by"]))
+            v.add("lost", (k, e["type"], e["caused_by"]), (DIVERGENT, k[0]))
         elif got[k] != e:
             diff = sorted(f for f in set(e) | set(got[k]) if e.get(f) != got[k].get(f))
-            v.add("diverged", (k, e["type"], got[k]["type"], diff))
+            v.add("diverged", (k, e["type"], got[k]["type"], diff), (DIVERGENT, k[0]))
             if not v.detail:
                 v.detail = _side_by_side(k[0], got, want)
     outcomes: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -250,13 +311,23 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
         if e["type"] in OUTCOME_TYPES and k[1] > model_last[k[0]]:
             outcomes[e.get("delivery_id")].append(k)
         else:
-            v.add("unexpected", (k, e["type"], e.get("caused_by")))
+            v.add("unexpected", (k, e["type"], e.get("caused_by")), (DIVERGENT, k[0]))
     by_case: dict[str, list[int]] = defaultdict(list)
     for cid, ver in got:
         by_case[cid].append(ver)
     for cid, vers in by_case.items():
         if sorted(vers) != list(range(1, len(vers) + 1)):
-            v.add("gap", (cid, sorted(vers)))
+            v.add("gap", (cid, sorted(vers)), (DIVERGENT, cid))
+    # each input's effects, per case and event type: fewer than the model's is an input lost,
+    # more is an effect doubled (a trigger counted twice, a timer fired twice)
+    modelled = Counter((e["case_id"], e["caused_by"], e["type"]) for e in want.values())
+    observed = Counter((e["case_id"], e.get("caused_by"), e["type"]) for e in got.values()
+                       if e["type"] not in OUTCOME_TYPES)
+    for effect in modelled.keys() | observed.keys():
+        if modelled[effect] > observed[effect]:
+            v.counted(LOST, ("input", effect[1]))
+        elif observed[effect] > modelled[effect]:
+            v.counted(DOUBLED, ("effect",) + effect)
 
     # -- deliveries: each expected one made (same body every time), its outcome recorded once -----
     expected = {did: r for did, r in model.deliveries.items() if scope(r)}
@@ -268,11 +339,13 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
         accepted[h.delivery_id] += h.accepted
     for did, r in expected.items():
         if not accepted[did]:
-            v.add("delivery_lost", (did, r["endpoint"], r["case_id"]))
+            v.add("delivery_lost", (did, r["endpoint"], r["case_id"]), (LOST, ("delivery", did)))
         if len(outcomes.get(did, [])) != 1:
-            v.add("outcome_not_once", (did, r["case_id"], outcomes.get(did, [])))
+            v.add("outcome_not_once", (did, r["case_id"], outcomes.get(did, [])),
+                  (DOUBLED if outcomes.get(did) else LOST, ("outcome", did)))
         elif got[outcomes[did][0]]["type"] != "NotificationDelivered":
-            v.add("outcome_not_delivered", (did, got[outcomes[did][0]]["type"], got[outcomes[did][0]].get("reason")))
+            v.add("outcome_not_delivered", (did, got[outcomes[did][0]]["type"], got[outcomes[did][0]].get("reason")),
+                  (DIVERGENT, r["case_id"]))
     for did in bodies:
         if did not in expected:
             v.add("delivery_unexpected", did)
@@ -280,12 +353,17 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
             v.add("delivery_differs", (did, len(bodies[did])))
     for did in outcomes:
         if did not in expected:
-            v.add("unexpected", ("outcome of an unknown delivery", did, outcomes[did]))
+            v.add("unexpected", ("outcome of an unknown delivery", did, outcomes[did]), (DIVERGENT, outcomes[did][0][0]))
     # raw repeats: requests the receiver accepted again for a delivery it had accepted already
     # (the effect itself is once by delivery id); retries after an error answer are counted apart
     v.stats.update(deliveries=len(expected), requests=sum(hits.values()),
                    delivery_repeats=sum(n - 1 for n in accepted.values() if n > 1),
                    retried_after_error=sum(hits.values()) - sum(accepted.values()))
+    effects = len(got) + sum(1 for did in accepted if accepted[did])
+
+    # -- dead letters: every rejection the model makes is in T.dlq (repeats reported) -------------
+    if history.dead_letters is not None:
+        effects += _check_dead_letters(v, model.dead_letters, history.dead_letters)
 
     # -- relay topics: exactly the subscribed events, each once by content, per-case order --------
     for sub_id, records in history.relay.items():
@@ -293,13 +371,13 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
         copies = _distinct(mine, v, f"relay_{sub_id}_")
         wanted = {(e["case_id"], e["version"]) for e in model.relayed.get(sub_id, []) if scope(e)}
         for k in wanted - set(copies):
-            v.add("relay_lost", (sub_id, k))
+            v.add("relay_lost", (sub_id, k), (DIVERGENT, k[0]))
         for k in set(copies) - wanted:
             if not (copies[k]["type"] in OUTCOME_TYPES and k in got and k not in want):  # outcomes: as in the log
-                v.add("relay_unexpected", (sub_id, k, copies[k]["type"]))
+                v.add("relay_unexpected", (sub_id, k, copies[k]["type"]), (DIVERGENT, k[0]))
         for k, e in copies.items():
-            if k in got and got[k] != e:
-                v.add("relay_diverged", (sub_id, k))
+            if e != want.get(k, got.get(k, e)):
+                v.add("relay_diverged", (sub_id, k), (DIVERGENT, k[0]))
         first_seen: dict[str, list[int]] = defaultdict(list)
         for r in sorted(mine, key=lambda r: (r.get("_partition", 0), r.get("_offset", 0))):
             seen = first_seen[r["case_id"]]
@@ -307,8 +385,10 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
                 seen.append(r["version"])
         for cid, order in first_seen.items():
             if order != sorted(order):
-                v.add("relay_order", (sub_id, cid, order))
+                v.add("relay_order", (sub_id, cid, order), (DIVERGENT, cid))
         v.stats[f"relay_{sub_id}_repeats"] = len(mine) - len(copies)
+        effects += len(copies)
+    v.stats["effects"] = effects
 
     # -- projections: the fold of the log, and what a replay rebuilt ------------------------------
     folded: dict[str, dict] = {}
@@ -316,20 +396,25 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
         try:
             folded[cid] = domain.replay(tenant, [got[(cid, ver)] for ver in sorted(by_case[cid])])
         except ValueError as exc:
-            v.add("unfoldable", (cid, str(exc)))
+            v.add("unfoldable", (cid, str(exc)), (DIVERGENT, cid))
     if history.pg_states is not None:
         for cid, state in folded.items():
             row = history.pg_states.get(cid)
             if row != state:
-                v.add("projection_pg", (cid, row and row.get("version"), state["version"]))
+                v.add("projection_pg", (cid, row and row.get("version"), state["version"]), (DIVERGENT, cid))
         timeline = {(k[0], k[1], e["event_id"]) for k, e in got.items()}
         if history.pg_timeline is not None and history.pg_timeline != timeline:
-            v.add("projection_timeline", (len(history.pg_timeline - timeline), len(timeline - history.pg_timeline)))
+            v.add("projection_timeline", (len(history.pg_timeline - timeline), len(timeline - history.pg_timeline)),
+                  (DIVERGENT, "timeline"))
+            for row in history.pg_timeline ^ timeline:
+                v.counted(DIVERGENT, row[0])
     if history.es_docs is not None:
         for cid, state in folded.items():
             doc = history.es_docs.get(cid)
-            if doc is None or doc.get("version") != state["version"]:
-                v.add("projection_es", (cid, doc and doc.get("version"), state["version"]))
+            if doc != document(state):
+                fields = sorted(f for f in document(state) if (doc or {}).get(f) != document(state)[f])
+                v.add("projection_es", (cid, doc and doc.get("version"), state["version"], fields[:5]),
+                      (DIVERGENT, cid))
     for live, rebuilt, what in ((history.pg_states, history.replay_pg_states, "replay_pg"),
                                 (history.es_docs, history.replay_es_docs, "replay_es"),
                                 (history.pg_timeline, history.replay_pg_timeline, "replay_timeline")):
@@ -338,7 +423,49 @@ def check(history: History, tenant: Tenant, oncall=None, *, scope=lambda e: True
                 cases = sorted(c for c in set(live) | set(rebuilt) if live.get(c) != rebuilt.get(c))
                 a, b = live.get(cases[0]) or {}, rebuilt.get(cases[0]) or {}
                 fields = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
-                v.add(what, (len(cases), cases[0], {f: (a.get(f), b.get(f)) for f in fields[:5]}))
+                v.add(what, (len(cases), cases[0], {f: (a.get(f), b.get(f)) for f in fields[:5]}), (DIVERGENT, cases[0]))
+                for cid in cases:
+                    v.counted(DIVERGENT, cid)
             else:
-                v.add(what, sorted(live ^ rebuilt)[:10])
+                v.add(what, sorted(live ^ rebuilt)[:10], (DIVERGENT, "timeline"))
+                for row in live ^ rebuilt:
+                    v.counted(DIVERGENT, row[0])
+    if history.pg_rows is not None and history.replay_pg_rows is not None:
+        for table in sorted(set(history.pg_rows) | set(history.replay_pg_rows)):
+            live, rebuilt = history.pg_rows.get(table, {}), history.replay_pg_rows.get(table, {})
+            for key in sorted(k for k in set(live) | set(rebuilt) if live.get(k) != rebuilt.get(k)):
+                row = live.get(key) or rebuilt[key]
+                v.add("replay_rows", (table, key), (DIVERGENT, row["case_id"]))
     return v
+
+
+def _dead_letter_idents(d: dict) -> tuple[tuple, tuple]:
+    """What a dead letter is known by: (reason, event id), and (reason, None, original)."""
+    return (d.get("reason"), d.get("event_id")), (d.get("reason"), None, d.get("original"))
+
+
+def _wanted_dead_letters(expected: list[dict]) -> set[tuple]:
+    """The model's dead letters, each by its event id, or by its original where it knows no id."""
+    return {_dead_letter_idents(d)[0 if d.get("event_id") else 1] for d in expected}
+
+
+def missing_dead_letters(expected: list[dict], observed: list[dict]) -> list[tuple]:
+    """The expected dead letters (``Model.dead_letters``) with no record among ``observed``."""
+    seen = {i for d in observed for i in _dead_letter_idents(d)}
+    return sorted(_wanted_dead_letters(expected) - seen, key=repr)
+
+
+def _check_dead_letters(v: Verdict, expected: list[dict], observed: list[dict]) -> int:
+    """Each expected dead letter written, none unexpected; repeats reported. The distinct
+    dead letters observed."""
+    for w in missing_dead_letters(expected, observed):
+        v.add("dead_letter_lost", w, (LOST, ("dead letter",) + w))
+    wanted = _wanted_dead_letters(expected)
+    distinct = set()
+    for d in observed:
+        by_id, by_original = _dead_letter_idents(d)
+        distinct.add(by_id if d.get("event_id") else by_original)
+        if by_id not in wanted and by_original not in wanted:
+            v.add("dead_letter_unexpected", (d.get("reason"), d.get("event_id"), (d.get("detail") or "")[:200]))
+    v.stats.update(dead_letters=len(wanted), dead_letter_repeats=len(observed) - len(distinct))
+    return len(distinct)

@@ -1,5 +1,6 @@
 """The fault suite: real worker processes and a real Kafka broker killed, stopped and scaled with real
-signals, judged by a Jepsen-style checker (tests/reliability/checker.py: a history, a model, a verdict).
+signals, judged by a Jepsen-style checker (tests/reliability/checker.py: a history, a model, a verdict) on
+the suite's harness (tests/reliability/harness.py: runs, the recorder, the consumer group).
 
 1. Two workers of one tenant share its partitions; one is SIGKILLed while timers fire and deliveries
    are made: the survivor takes its partitions over (after the session timeout: static membership),
@@ -24,24 +25,17 @@ import asyncio
 import signal
 import threading
 import time
-from pathlib import Path
 
 import orjson
 import pytest
 
-from streams.clock import FileClock
-from streams.config import get_tenant, load_topics
-from streams.oncall_config import load_oncall
-from tests.reliability.checker import INFO, OK, Hit, History, check, run_model
+from streams.config import load_topics
 from tests.receivers import Receiver
+from tests.reliability.checker import INFO, OK
+from tests.reliability.harness import MIN, SESSION, Run, group_lag, metric, partition_of, wait_owners, watchdog
+from tests.reliability.report import PeakRss, Report, record
 
-# A failed fault test runs once more before it fails the suite: the SIGSTOP and SIGKILL scenarios still lose
-# a projection update now and then (about one run in four; issue 10's closing note), and every other change
-# must not wait on that. A failure that recurs fails CI, and every rerun is reported ("R" in the summary).
-pytestmark = [pytest.mark.integration, pytest.mark.flaky(reruns=1)]
-
-SESSION = 6.0     # seconds: the workers' Kafka session timeout here (Faust's default is 60)
-MIN = 60_000
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(autouse=True)
@@ -50,265 +44,14 @@ def _real_kafka(engine_set):
         pytest.skip("needs Apache Kafka: the stand-in's group coordinator never evicts a departed member")
 
 
-# -- the consumer group, as the broker sees it -----------------------------------------------------
-
-def group_members(stack, tenant: str) -> tuple[str, dict[str, set[tuple[str, int]]]]:
-    """(group state, member id -> assigned (topic, partition)) of the tenant's worker group."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
-
-    async def run():
-        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
-        await admin.start()
-        try:
-            group = (await admin.describe_consumer_groups([load_topics(tenant).app_id]))[0].groups[0]
-        finally:
-            await admin.close()
-        _err, _gid, state, _ptype, _proto, members = group[:6]
-        out = {}
-        for member_id, _client, _host, _meta, assignment in members:
-            a = ConsumerProtocolMemberAssignment.decode(assignment) if assignment else None
-            out[member_id] = {(t, p) for t, ps in (a.assignment if a else []) for p in ps}
-        return state, out
-
-    return asyncio.run(run())
-
-
-def owners(stack, tenant: str, workers) -> dict[str, set[int]]:
-    """instance id -> partitions of T.intake-routed it owns, when the group is stable (else {})."""
-    state, members = group_members(stack, tenant)
-    if state != "Stable":
-        return {}
-    routed = load_topics(tenant).name("intake-routed")
-    out = {}
-    for member_id, tps in members.items():
-        # a static member's id is "<group.instance.id>-<uuid>"
-        iid = next((w.instance_id for w in workers if member_id.startswith(w.instance_id + "-")), member_id)
-        out[iid] = {p for t, p in tps if t == routed}
-    return out
-
-
-def wait_owners(stack, tenant: str, workers, what: str, deadline: float = 90.0) -> dict[str, set[int]]:
-    """Until exactly ``workers`` are members, each owning partitions, all of them between them."""
-    n = load_topics(tenant).partitions
-    want = {w.instance_id for w in workers}
-    return stack.poll(lambda: owners(stack, tenant, workers),
-                      lambda o: set(o) == want and all(o.values()) and set().union(*o.values()) == set(range(n)),
-                      deadline=deadline, what=what)
-
-
-def group_lag(stack, tenant: str) -> dict[str, int]:
-    """``topic:partition`` -> records not yet committed by the tenant's worker group (end - committed)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    async def run():
-        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka)
-        consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka, enable_auto_commit=False)
-        await admin.start()
-        await consumer.start()
-        try:
-            committed = await admin.list_consumer_group_offsets(load_topics(tenant).app_id)
-            ends = await consumer.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in committed])
-        finally:
-            await consumer.stop()
-            await admin.close()
-        return {f"{tp.topic}:{tp.partition}": ends[TopicPartition(tp.topic, tp.partition)] - meta.offset
-                for tp, meta in committed.items()
-                if ends[TopicPartition(tp.topic, tp.partition)] - meta.offset}
-
-    return asyncio.run(run())
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """The T.intake-routed partition of a dedup key (Kafka's default partitioner on the routing token)."""
-    from aiokafka.partitioner import murmur2
-
-    from streams.domain.intake import routing_token
-
-    return (murmur2(routing_token(key).encode()) & 0x7FFFFFFF) % partitions
-
-
-def metric(worker, name: str) -> float:
-    import urllib.request
-
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
-
-
-def watchdog(stack) -> dict:
-    """Did the stall watchdog fire (exit code 3, restarted by the harness)?"""
-    return {w.instance_id: {"restarts": w.restarts, "stall_lines": w.log_path.read_text(errors="replace")
-                            .count("stall: ")} for w in stack.workers}
-
-
-# -- a run: the workers' clock and on-call file, the history, the model -------------------------------
-
-class Run:
-    def __init__(self, stack, tenant: str, base: Path, run_id: str, config: str | None = None):
-        self.stack, self.tenant_name, self.run_id = stack, tenant, run_id
-        self.tenant = get_tenant(tenant)
-        self.prefix = f"{run_id}/"
-        self.now = (int(time.time() * 1000) // MIN) * MIN
-        self.clock = FileClock(base / "clock")
-        self.clock.set(self.now)
-        self.env = {"CASESTREAM_SESSION_TIMEOUT": str(SESSION), "CASESTREAM_CLOCK": f"file:{self.clock.path}",
-                    "CASESTREAM_TIMER_TICK": "0.1"}
-        self.oncall = None
-        if config is not None:
-            d = base / "oncall"
-            d.mkdir()
-            (d / f"{tenant}.yaml").write_text(config)
-            self.env["CASESTREAM_ONCALL_DIR"] = str(d)
-            self.oncall = load_oncall(self.tenant, d / f"{tenant}.yaml")
-        self.history = History()
-        self.started = time.monotonic()
-        self.marks: dict[str, float] = {}
-
-    def mark(self, what: str) -> None:
-        self.marks[what] = round(time.monotonic() - self.started, 1)
-
-    def mine(self, r: dict) -> bool:
-        return r.get("dedup_key", "").startswith(self.prefix)
-
-    def worker(self, name: str):
-        return self.stack.worker(self.tenant_name, instance_id=f"{name}-{self.run_id}", env=self.env)
-
-    def send(self, msgs: list[dict]) -> None:
-        """Publish at the current clock time (acks=all) and record it: acknowledged."""
-        self.stack.send(self.tenant_name, msgs, timestamp_ms=self.now)
-        self.history.send(msgs, self.now, OK)
-
-    def at(self, ms: int) -> None:
-        self.now = ms
-        self.clock.set(ms)
-        self.history.clock(ms)
-
-    def model(self):
-        return run_model(self.history, self.tenant, self.oncall)
-
-    def want(self, outcomes: bool = False) -> int:
-        """Distinct log events the history must produce by now: the model's (and with ``outcomes``
-        one delivery outcome per delivery the model asks for)."""
-        m = self.model()
-        return sum(1 for e in m.events if self.mine(e)) + outcomes * sum(1 for r in m.deliveries.values()
-                                                                          if self.mine(r))
-
-    def events(self, count: int | None = None, *, outcomes: bool = False, settle: float = 0.0,
-               deadline: float = 120.0) -> list[dict]:
-        """The log's events of this run, once it holds every event the model has by now (by event id:
-        a count could be made up by delivery outcomes while an input is still on its way), and
-        ``count`` distinct (case, version) if given, or the model's count with ``outcomes``."""
-        ids = set() if count is not None else {e["event_id"] for e in self.model().events if self.mine(e)}
-        count = (self.want(True) if outcomes else 0) if count is None else count
-
-        def complete(found):
-            return ids <= {e["event_id"] for e in found} and \
-                len({(e["case_id"], e["version"]) for e in found}) >= count
-        try:
-            return self.stack.read(self.tenant_name, "domain-events", self.mine, until=complete,
-                                   settle=settle, deadline=deadline)
-        except AssertionError:  # say which: the checker on what is there
-            self.history.events = self.stack.read(self.tenant_name, "domain-events", self.mine,
-                                                  until=lambda f: True, settle=1.0)
-            print(f"events missing; {check(self.history, self.tenant, self.oncall, scope=self.mine)}")
-            raise
-
-    # -- the end: observe everything, rebuild the projections from the log, judge -------------------
-
-    def verdict(self, rx: Receiver | None = None, relay: tuple[str, ...] = ()):
-        h, stack = self.history, self.stack
-        h.events = self.events(outcomes=True, settle=1.0)
-        model = self.model()
-        for sub in relay:
-            topic = load_topics(self.tenant_name).relay(sub).name
-            n = sum(1 for e in model.relayed.get(sub, []) if self.mine(e))
-            h.relay[sub] = asyncio.run(stack._read(topic, "json", self.mine, None,
-                                                   lambda f: len({(e["case_id"], e["version"]) for e in f}) >= n,
-                                                   90.0, 1.0))
-        if rx is not None:
-            h.hits = [Hit(x.delivery_id, x.body, x.path, x.status) for x in list(rx.hits)]
-        latest: dict[str, int] = {}
-        for e in h.events:
-            latest[e["case_id"]] = max(latest.get(e["case_id"], 0), e["version"])
-        ids = sorted(latest)
-        live = Projections(stack, self.tenant_name, stack.db_prefix, stack.index(self.tenant_name))
-        try:
-            stack.poll(live.versions(ids), lambda got: got == (latest, latest), what="both projections up to date")
-        except AssertionError:
-            pg, es = live.versions(ids)()
-            behind = {cid: (latest[cid], pg.get(cid), es.get(cid)) for cid in ids
-                      if (pg.get(cid), es.get(cid)) != (latest[cid], latest[cid])}
-            print(f"projections behind (log, pg, es): {behind}\nuncommitted: {group_lag(stack, self.tenant_name)}")
-            raise
-        h.pg_states, h.pg_timeline, h.es_docs = live.read(ids)
-        side = f"{stack.db_prefix}replay_"
-        rebuilt = Projections(stack, self.tenant_name, side, side + f"cases-{self.tenant_name}")
-        try:
-            rebuilt.replay()
-            h.replay_pg_states, h.replay_pg_timeline, h.replay_es_docs = rebuilt.read(ids)
-        finally:
-            stack.es_drop(rebuilt.index)   # its database goes with the stack's (same prefix)
-        self.mark("checked")
-        return check(h, self.tenant, self.oncall, scope=self.mine)
-
-
-class Projections:
-    """One tenant's PostgreSQL projection and search index under a database/index prefix."""
-
-    def __init__(self, stack, tenant: str, db_prefix: str, index: str):
-        from sinks.postgres import database_name
-
-        self.stack, self.tenant, self.db_prefix, self.index = stack, tenant, db_prefix, index
-        self.database = database_name(tenant, db_prefix)
-
-    def _pg(self, sql: str, *args) -> list[dict]:
-        import asyncpg
-
-        async def run():
-            conn = await asyncpg.connect(self.stack.postgres_dsn, database=self.database)
-            try:
-                return [dict(r) for r in await conn.fetch(sql, *args)]
-            finally:
-                await conn.close()
-
-        return asyncio.run(run())
-
-    def _docs(self, ids: list[str]) -> dict[str, dict]:
-        docs = self.stack.es("POST", f"/{self.index}/_mget", {"ids": ids}).get("docs", [])
-        return {d["_id"]: d["_source"] for d in docs if d.get("found")}
-
-    def versions(self, ids: list[str]):
-        def read():
-            rows = self._pg("SELECT case_id, version FROM case_states WHERE case_id = ANY($1::text[])", ids)
-            return ({r["case_id"]: r["version"] for r in rows},
-                    {cid: d["version"] for cid, d in self._docs(ids).items()})
-        return read
-
-    def read(self, ids: list[str]):
-        states = {r["case_id"]: orjson.loads(r["state"]) for r in self._pg(
-            "SELECT case_id, state FROM case_states WHERE case_id = ANY($1::text[])", ids)}
-        timeline = {(r["case_id"], r["version"], r["event_id"]) for r in self._pg(
-            "SELECT case_id, version, event_id FROM timeline WHERE case_id = ANY($1::text[])", ids)}
-        return states, timeline, self._docs(ids)
-
-    def replay(self) -> None:
-        """``casestream replay --sink all --from-beginning`` into this prefix: a projection rebuilt from the log."""
-        from streams.replay import replay
-        from streams.settings import load_settings
-
-        settings = load_settings(dict(self.stack.env, CASESTREAM_DB_PREFIX=self.db_prefix,
-                                      CASESTREAM_INDEX_PREFIX=self.index[:-len(f"cases-{self.tenant}")]))
-        asyncio.run(replay(settings, get_tenant(self.tenant), ["postgres", "elasticsearch"], rebuild=True,
-                           progress=False))
-
-
 def _report(name: str, run: Run, verdict, **extra) -> None:
+    """The ``faults:`` line (timings, repeats, watchdog restarts) and the scenario's ``reliability:`` line."""
     print(f"\nfaults: {name}: {dict(run.marks, **extra)}\n  {verdict}\n  watchdog {watchdog(run.stack)}")
+    peak = PeakRss()
+    peak.sample(*(w.proc.pid for w in run.stack.workers if w.proc is not None))
+    record(Report(name, run.stack.profile, verdict.stats["acked"], verdict.stats["effects"], verdict.lost,
+                  verdict.doubled, verdict.divergent, round(time.monotonic() - run.started, 1), peak.peak,
+                  ", ".join(f"{k} {v}" for k, v in extra.items())))
 
 
 # -- 1. SIGKILL one of two workers -------------------------------------------------------------------

@@ -12,11 +12,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from helpers import OC, T0  # noqa: E402
+from sinks.elasticsearch import document  # noqa: E402
 from streams.domain import cases as domain  # noqa: E402
 from streams.domain.notify import decide_outcome  # noqa: E402
 from streams.domain.webhook import webhook_body  # noqa: E402
 from streams.oncall_config import load_oncall  # noqa: E402
-from tests.reliability.checker import INFO, OK, Hit, History, check, run_model  # noqa: E402
+from tests.reliability.checker import DOUBLED, INFO, LOST, OK, Hit, History, check, run_model  # noqa: E402
 
 MIN = 60_000
 CFG = """\
@@ -70,7 +71,7 @@ def good_history(cfg) -> History:
     for e in events:
         states[e["case_id"]] = domain.apply(OC, states.get(e["case_id"]), e)
     h.pg_states, h.replay_pg_states = dict(states), dict(states)
-    h.es_docs = {cid: {"version": s["version"]} for cid, s in states.items()}
+    h.es_docs = {cid: document(s) for cid, s in states.items()}
     h.replay_es_docs = dict(h.es_docs)
     h.pg_timeline = {(e["case_id"], e["version"], e["event_id"]) for e in events}
     h.replay_pg_timeline = set(h.pg_timeline)
@@ -163,3 +164,93 @@ def test_relay_and_projections_are_checked(cfg):
     h = good_history(cfg)
     h.relay["all"] = list(reversed(h.relay["all"]))                            # per-case order broken
     assert check(h, OC, cfg).anomalies["relay_order"]
+
+
+# -- the report's three counts: lost, doubled, divergent ---------------------------------------------
+
+def counts(v) -> tuple[int, int, int]:
+    return v.lost, v.doubled, v.divergent
+
+
+def test_the_counts_of_a_correct_history_are_zero_raw_repeats_included(cfg):
+    h = good_history(cfg)
+    h.hits.append(h.hits[0])                              # a delivery made again: a raw repeat
+    v = check(h, OC, cfg)
+    assert counts(v) == (0, 0, 0) and v.stats["delivery_repeats"] == 1 and v.stats["log_repeats"] == 4
+
+
+def test_an_input_with_no_effect_is_lost(cfg):
+    h = good_history(cfg)
+    dedup = next(e for e in h.events if e["type"] == "AlertDeduplicated")      # trigger e5 on k/p1
+    h.events = [e for e in h.events if e["event_id"] != dedup["event_id"]]
+    v = check(h, OC, cfg)
+    assert v.tally[LOST] == {("input", "e5")} and v.doubled == 0
+    assert dedup["case_id"] in v.tally["divergent"]        # its case's state differs from the oracle's too
+
+
+def test_an_input_applied_twice_is_doubled_not_lost(cfg):
+    h = good_history(cfg)
+    dedup = next(e for e in h.events if e["type"] == "AlertDeduplicated")
+    last = max(e["version"] for e in h.events if e["case_id"] == dedup["case_id"])
+    h.events.append(dict(dedup, version=last + 1, event_id="again", occurrence_count=3))
+    v = check(h, OC, cfg)
+    assert v.tally[DOUBLED] == {("effect", dedup["case_id"], "e5", "AlertDeduplicated")} and v.lost == 0
+
+
+def test_two_event_ids_for_one_version_and_an_outcome_recorded_twice_are_doubled(cfg):
+    h = good_history(cfg)
+    h.events.append(dict(h.events[1], event_id="some-other-id"))
+    assert counts(check(h, OC, cfg))[:2] == (0, 1)
+    h = good_history(cfg)
+    outcome = next(e for e in h.events if e["type"] == "NotificationDelivered")
+    h.events.append(dict(outcome, version=outcome["version"] + 1, event_id="twice"))
+    v = check(h, OC, cfg)
+    assert ("outcome", outcome["delivery_id"]) in v.tally[DOUBLED] and v.lost == 0
+
+
+def test_a_delivery_never_made_is_lost(cfg):
+    h = good_history(cfg)
+    h.hits = h.hits[1:]
+    v = check(h, OC, cfg)
+    assert v.lost == 1 and v.doubled == 0
+
+
+def test_a_projection_or_relay_topic_off_the_oracle_is_divergent(cfg):
+    h = good_history(cfg)
+    some = sorted(h.pg_states)[0]
+    h.pg_states = dict(h.pg_states, **{some: dict(h.pg_states[some], summary="other")})
+    assert counts(check(h, OC, cfg)) == (0, 0, 1)
+    h = good_history(cfg)
+    h.es_docs = dict(h.es_docs, **{some: dict(h.es_docs[some], severity="info")})     # same version, other content
+    v = check(h, OC, cfg)
+    assert counts(v) == (0, 0, 1) and v.anomalies["projection_es"]
+    h = good_history(cfg)
+    h.replay_pg_rows = {"cases": {some: {"case_id": some, "status": "RESOLVED"}}}
+    h.pg_rows = {"cases": {some: {"case_id": some, "status": "TRIGGERED"}}}
+    assert counts(check(h, OC, cfg)) == (0, 0, 1)
+    h = good_history(cfg)
+    case = h.relay["all"][0]["case_id"]
+    h.relay["all"] = [e for e in h.relay["all"] if e["case_id"] != case or e["version"] != 1] + \
+        [e for e in h.relay["all"] if e["case_id"] == case and e["version"] == 1]     # version 1 last
+    assert counts(check(h, OC, cfg)) == (0, 0, 1)
+
+
+def test_dead_letters_expected_missing_or_unexpected(cfg):
+    h = good_history(cfg)
+    h.send([{"event_id": "e20", "action": "resolve", "dedup_key": "k/none"}], T0 + 6 * MIN)   # nothing open
+    h.dead_letters = [{"reason": "no_open_case", "event_id": "e20", "original": "..."}] * 2  # a repeat: reported
+    v = check(h, OC, cfg)
+    assert counts(v) == (0, 0, 0) and v.stats["dead_letter_repeats"] == 1
+    h.dead_letters = []
+    assert counts(check(h, OC, cfg)) == (1, 0, 0)
+    h.dead_letters = [{"reason": "no_open_case", "event_id": "e20"}, {"reason": "invalid_event", "event_id": "x"}]
+    assert counts(check(h, OC, cfg)) == (0, 0, 1)
+
+
+def test_a_message_without_event_id_is_known_by_its_record(cfg):
+    same = {"action": "trigger", "dedup_key": "k/r", "summary": "s", "source": "other"}
+    h = History()
+    h.send([same, same], T0, record_ids=["rec-1", "rec-2"])     # the same bytes twice: two events
+    model = run_model(h, OC, cfg)
+    assert [(e["type"], e["caused_by"]) for e in model.events] == [("CaseCreated", "rec-1"),
+                                                                   ("AlertDeduplicated", "rec-2")]
