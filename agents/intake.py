@@ -50,6 +50,7 @@ import orjson
 import schemas
 from streams import metrics
 from streams.app import Topology, _raw_topic
+from streams.config import MAX_RECORD_BYTES
 from streams.domain import cases as domain
 from streams.domain import notify as notifying
 from streams.domain import oncall as paging
@@ -85,12 +86,30 @@ def dead_letter(rejection: Rejection, topic: str, partition: int, offset: int, r
     if event_id is not None:
         record["event_id"] = event_id
     if raw is not None:
-        try:
-            record["original"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            record["original"] = base64.b64encode(raw).decode()
-            record["original_encoding"] = "base64"
+        record["original"], record["original_encoding"] = kept_original(raw)
+        if record["original"] is None:
+            record["detail"] += f" (the original, {len(raw)} bytes, is too large to keep)"
     return record
+
+
+MAX_ORIGINAL = MAX_RECORD_BYTES - 64 * 1024   # a dead letter's original, encoded; the rest is its other fields
+
+
+def kept_original(raw: bytes) -> tuple[str | None, str]:
+    """``(original, original_encoding)`` of a dead letter: the text when it is UTF-8 and JSON does not
+    escape it to more than base64 takes (a control character escapes to six bytes), else base64; no
+    original when even the shorter would not fit in a record the worker can write (MAX_RECORD_BYTES)."""
+    b64_size = 4 * ((len(raw) + 2) // 3)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    text_size = len(orjson.dumps(text)) - 2 if text is not None else b64_size + 1
+    if min(text_size, b64_size) > MAX_ORIGINAL:
+        return None, "utf-8"
+    if text_size <= b64_size:
+        return text, "utf-8"
+    return base64.b64encode(raw).decode(), "base64"
 
 
 def _headers(event: dict) -> list[tuple[str, bytes]]:
@@ -216,25 +235,30 @@ class UnflushedOutputs:
     """Inputs applied per dedup key since the apply agent last flushed the producer itself.
 
     A key's stored state can re-send the outputs of its last ``limit`` inputs
-    only (``cases.RECENT_LIMIT``): that is what a redelivery after a crash
-    re-sends. A crash after a state is written (the local store) and before the
-    producer has sent the outputs would lose, for good, those of older inputs the
+    only (``cases.RECENT_LIMIT``; fewer when they are large, ``cases.RECENT_BYTES``):
+    that is what a redelivery after a crash re-sends. A crash after a state is
+    written (the local store) and before the producer has sent the outputs
+    would lose, for good, those of older inputs the
     state no longer keeps. So before writing states that would forget outputs
     not known to be sent, the agent flushes: ``add`` says when."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.counts: dict[str, int] = {}
+        self.kept: dict[str, int] = {}
 
-    def add(self, applied: dict[str, int]) -> bool:
-        """Count a batch's inputs per key; True: flush before writing its states."""
+    def add(self, applied: dict[str, int], kept: dict[str, int] | None = None) -> bool:
+        """Count a batch's inputs per key (``kept``: of how many inputs each key's new state keeps the
+        outputs, when fewer than ``limit``); True: flush before writing its states."""
         for key, n in applied.items():
             if n > 0:
                 self.counts[key] = self.counts.get(key, 0) + n
-        return any(n > self.limit for n in self.counts.values())
+        self.kept.update(kept or {})
+        return any(n > self.kept.get(key, self.limit) for key, n in self.counts.items())
 
     def clear(self) -> None:
         self.counts.clear()
+        self.kept.clear()
 
 
 def register(topo: Topology) -> None:
@@ -383,8 +407,9 @@ def register(topo: Topology) -> None:
                 except Exception as exc:  # a bug must not stop the partition or lose the record
                     failed(event, exc)
             if unflushed.add({key: entry.get("applied", 0) - applied_before.get(key, 0)
-                              for key, (_event, entry) in dirty.items()}):
-                await app.producer.flush()  # before a state that re-sends only the last RECENT_LIMIT is written
+                              for key, (_event, entry) in dirty.items()},
+                             {key: len(entry["recent"]) for key, (_event, entry) in dirty.items()}):
+                await app.producer.flush()  # before a state that re-sends fewer inputs' outputs is written
                 unflushed.clear()
             for key, (event, entry) in dirty.items():
                 # versioned: "applied" first in the bytes (streams/rebalance.py VersionedTable)

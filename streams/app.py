@@ -14,7 +14,7 @@ import faust
 
 from streams.batching import QuietStream
 from streams.rebalance import App
-from streams.config import ConfigError, Tenant, TopicFamily, get_tenant, load_topics
+from streams.config import MAX_RECORD_BYTES, ConfigError, Tenant, TopicFamily, get_tenant, load_topics
 from streams.settings import Settings, default_instance_id
 
 
@@ -110,6 +110,7 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         # batch outputs: without linger every buffered send is its own request
         producer_linger=0.01,
         producer_max_batch_size=512 * 1024,
+        producer_max_request_size=MAX_RECORD_BYTES + 64 * 1024,  # the record and its batch's own bytes
         web_enabled=False,
         autodiscover=False,
         table_cleanup_interval=60.0,

@@ -273,6 +273,15 @@ def get_tenant(name: str, path: Path | str | None = None) -> Tenant:
 # topics.yaml
 # --------------------------------------------------------------------------
 
+# The largest record a worker writes, which its producer and the topics it writes such records to
+# allow (topics.yaml: intake-routed and dlq; every table changelog, below). What it writes for one
+# intake message can be larger than the message: an intake-routed envelope holds the message twice
+# (normalized, and as JSON text, which escaping can double: up to ~3x its 512 KiB), a dead letter holds
+# a message of up to T.intake's max.message.bytes (1 MiB), a dedup key's table entry holds the outputs
+# of its recent inputs (streams.domain.cases.RECENT_BYTES). With the 1 MB defaults such a record
+# crashed the worker (its producer refused it) or was lost (the broker refused a changelog write).
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -301,7 +310,7 @@ class TopicFamily:
             name=f"{self.app_id}-{table}-changelog",
             partitions=self.partitions,
             replication_factor=self.replication_factor,
-            config={"cleanup.policy": "compact"},
+            config={"cleanup.policy": "compact", "max.message.bytes": str(MAX_RECORD_BYTES)},
         )
 
     def relay(self, subscription: str) -> TopicSpec:

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import orjson
+
 from streams.config import Tenant
 from streams.domain.intake import (
     INVALID_TRANSITION, NO_OPEN_CASE, UNKNOWN_CASE, Intake, Rejection, derive_id, make_case_id,
@@ -30,6 +32,10 @@ from streams.domain.intake import (
 
 SEEN_LIMIT = 1024       # intake ids remembered per dedup key
 RECENT_LIMIT = 64       # of those, how many keep their outputs for re-sending
+# ... and fewer while their outputs take more than this (the newest input's are always kept): a key's
+# entry is one changelog record, at most streams.config.MAX_RECORD_BYTES (4 MiB); the outputs of one
+# input reach ~1.3 MiB (a CaseCreated with 512 KiB of custom_details, a dead letter of a 512 KiB message)
+RECENT_BYTES = 2 * 1024 * 1024
 MAX_CASES_PER_KEY = 50  # cases of a key kept in stream state (oldest closed ones go first)
 
 EVENT_TYPES = ("CaseCreated", "AlertDeduplicated", "StatusChanged", "Assigned", "CommentAdded", "PriorityChanged",
@@ -148,8 +154,17 @@ def remember(entry: dict, event_id: str, outputs: list, offset: int | None = Non
     e = dict(entry)
     e["applied"] = entry.get("applied", 0) + 1
     e["seen"] = (entry["seen"] + [event_id])[-SEEN_LIMIT:]
-    e["recent"] = (entry["recent"] + [[event_id, outputs, offset]])[-RECENT_LIMIT:]
+    e["recent"] = _kept_recent((entry["recent"] + [[event_id, outputs, offset]])[-RECENT_LIMIT:])
     return e
+
+
+def _kept_recent(recent: list) -> list:
+    """The newest ``recent`` items whose outputs fit in RECENT_BYTES (the newest one always)."""
+    size = len(orjson.dumps(recent))
+    while size > RECENT_BYTES and len(recent) > 1:
+        size -= len(orjson.dumps(recent[0])) + 1   # and its comma
+        recent = recent[1:]
+    return recent
 
 
 # --------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def test_load_topics_names(tenant):
     assert fam.tables == ("keys", "case_keys", "timers", "deliveries", "delivery_outcomes")
     assert fam.changelog("keys").name == f"casestream-{tenant}-keys-changelog"
     assert fam.changelog("case_keys").name == f"casestream-{tenant}-case_keys-changelog"
-    assert fam.changelog("keys").config == {"cleanup.policy": "compact"}
+    assert fam.changelog("keys").config == {"cleanup.policy": "compact", "max.message.bytes": "4194304"}
     names = sorted(t.name for t in fam.all_topics())
     assert names == sorted([f"{tenant}.intake", f"{tenant}.intake-routed", f"{tenant}.domain-events",
                             f"{tenant}.dlq", f"{tenant}.timers", f"{tenant}.notifications",

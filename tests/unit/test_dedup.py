@@ -819,3 +819,30 @@ def test_the_apply_agent_flushes_before_a_state_forgets_unsent_outputs():
     u.clear()
     assert not u.add({"a": RECENT_LIMIT})
     assert UnflushedOutputs(RECENT_LIMIT).add({"a": 500})   # one batch of 500 inputs of one key
+
+
+def test_remember_keeps_recent_outputs_within_a_byte_budget():
+    """Large outputs: fewer inputs keep theirs (the newest always), so the entry stays one writable record."""
+    from streams.domain.cases import RECENT_BYTES
+
+    big = [["domain-events", "c", {"custom_details": {"pad": "z" * (RECENT_BYTES // 3)}}]]
+    ks = new_entry("k")
+    for i in range(5):
+        ks = remember(ks, f"big-{i}", big)
+    assert [item[0] for item in ks["recent"]] == ["big-3", "big-4"] and already_seen(ks, "big-0")
+    assert len(orjson.dumps(ks["recent"])) <= RECENT_BYTES
+    huge = [["domain-events", "c", {"custom_details": {"pad": "z" * RECENT_BYTES}}]]
+    assert [item[0] for item in remember(ks, "huge", huge)["recent"]] == ["huge"]
+    assert [item[0] for item in remember(ks, "small", [])["recent"]] == ["big-3", "big-4", "small"]
+
+
+def test_the_apply_agent_flushes_before_large_outputs_push_unsent_ones_out():
+    """A state that keeps the outputs of fewer inputs than were applied since the last flush: flush first."""
+    from agents.intake import UnflushedOutputs
+    from streams.domain.cases import RECENT_LIMIT
+
+    u = UnflushedOutputs(RECENT_LIMIT)
+    assert not u.add({"a": 2, "b": 1}, {"a": 2, "b": 64})
+    assert u.add({"a": 1}, {"a": 2})                    # three unsent inputs, two kept: the first would be lost
+    u.clear()
+    assert not u.add({"a": 1}, {"a": 1}) and u.kept == {"a": 1}
