@@ -48,7 +48,7 @@ import weakref
 import orjson
 
 import schemas
-from streams import metrics
+from streams import metrics, store
 from streams.app import Topology, _raw_topic
 from streams.config import MAX_RECORD_BYTES
 from streams.domain import cases as domain
@@ -606,10 +606,14 @@ def register_health(topo: Topology, bootstrap_servers: str, inputs: set[str], in
         # read but not committed yet (being processed, or waiting for the next commit)
         uncommitted = sum(max(0, (read[name[tp]] or 0) - (committed[tp] or 0)) for tp in stream_tps
                           if read[name[tp]] is not None)
+        state = store.usage()
+        for part, n in state.items():
+            metrics.STATE_MEMORY.labels(topo.tenant.name, part).set(n)
         log.info("health %s", orjson.dumps({
             "tenant": topo.tenant.name, "partitions": len(stream_tps), "lag": lag, "uncommitted": uncommitted,
             "flow_active": consumer.flow_active, "processing": app.flow_control.is_active(),
             "generation": app.consumer_generation_id, "seconds_since_progress": round(stalled_for, 1),
+            "state_mib": round(state["cache"] / 2**20, 1),
         }).decode())
         if stalled:
             log.error("stall: %d input messages waiting and nothing read for %.0fs; exiting with code %d "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import faust
 
+from streams import store
 from streams.batching import QuietStream
 from streams.rebalance import App
 from streams.config import MAX_RECORD_BYTES, ConfigError, Tenant, TopicFamily, get_tenant, load_topics
@@ -96,7 +97,7 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
     app = App(  # faust.App with the rebalance guards of streams/rebalance.py
         app_id,
         broker=[f"kafka://{s}" for s in settings.kafka_servers],
-        store="rocksdb://",
+        store=f"{store.SCHEME}://",  # Faust's RocksDB store under one memory budget (streams/store.py)
         datadir=str(store_dir),
         topic_partitions=family.partitions,
         topic_replication_factor=family.replication_factor,
@@ -117,7 +118,7 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         Stream=QuietStream,  # take_events that sleeps while nothing is buffered (streams/batching.py)
     )
     app.store_dir = store_dir  # discarded if the group expels this worker (streams/rebalance.py)
-    table_opts = {"driver": "rocksdict"}
+    store.set_budget(settings.state_memory_mb)
     has_intake = role in ("all", "intake")
     topo = Topology(
         tenant=tenant,
@@ -128,23 +129,23 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         domain_events=_raw_topic(app, family.name("domain-events")),
         dlq=_raw_topic(app, family.name("dlq")),
         keys=app.VersionedTable("keys", default=None, key_type=bytes, value_type=bytes,
-                                options=table_opts,
+                                options={"driver": "rocksdict"},
                                 help="dedup key -> its cases, open case, seen intake ids and their outputs "
                                      "(versioned: a restore never steps back to an older state)")
         if has_intake else None,
         case_keys=app.Table("case_keys", default=None, key_type=bytes, value_type=bytes,
-                            options=table_opts, help="case id -> dedup key (write-once index)")
+                            options={"driver": "rocksdict"}, help="case id -> dedup key (write-once index)")
         if has_intake else None,
         timers_topic=_raw_topic(app, family.name("timers")),
-        timers=app.Table("timers", default=None, key_type=bytes, value_type=bytes, options=table_opts,
+        timers=app.Table("timers", default=None, key_type=bytes, value_type=bytes, options={"driver": "rocksdict"},
                          help="timer id -> due time and case (index of the pending timers)")
         if has_intake else None,
         notifications_topic=_raw_topic(app, family.name("notifications")),
-        deliveries=app.Table("deliveries", default=None, key_type=bytes, value_type=bytes, options=table_opts,
+        deliveries=app.Table("deliveries", default=None, key_type=bytes, value_type=bytes, options={"driver": "rocksdict"},
                              help="delivery id -> request, attempts and next attempt (pending ones)")
         if has_intake else None,
         delivery_outcomes=app.Table("delivery_outcomes", default=None, key_type=bytes, value_type=bytes,
-                                    options=table_opts, help="delivery id -> delivered or failed")
+                                    options={"driver": "rocksdict"}, help="delivery id -> delivered or failed")
         if has_intake else None,
     )
     from agents import intake  # agents are thin shells over streams.domain

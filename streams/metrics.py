@@ -50,6 +50,10 @@ NOTIFICATIONS_REQUESTED = Counter(
     ["tenant", "shadow"])
 TIMERS_PENDING = Gauge(
     "casestream_timers_pending", "Timers pending in this worker's partitions, by kind.", ["tenant", "kind"])
+STATE_MEMORY = Gauge(
+    "casestream_state_memory_bytes",
+    "Memory of the worker's RocksDB table stores (streams/store.py): part=cache (read blocks and the "
+    "memtables charged to it, under the budget), memtables, budget.", ["tenant", "part"])
 TIMERS_FIRED = Counter(
     "casestream_timers_fired_total", "Due timers sent for firing (a timer may be re-sent; it fires once).",
     ["tenant", "kind"])

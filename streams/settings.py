@@ -32,6 +32,9 @@ class Settings:
     # a graceful stop (SIGTERM) that has not finished after this many seconds ends the process
     # anyway (CASESTREAM_SHUTDOWN_SECONDS; 0: wait for ever)
     shutdown_seconds: float = 30.0
+    # memory of all the worker's RocksDB table stores together: read cache and memtables
+    # (CASESTREAM_STATE_MEMORY_MB; streams/store.py)
+    state_memory_mb: float = 128.0
     db_prefix: str = "casestream_"
     projections: tuple[str, ...] = ("postgres", "elasticsearch")
     index_prefix: str = ""
@@ -81,6 +84,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         stall_seconds=float(env.get("CASESTREAM_STALL_SECONDS", "60")),
         session_timeout=float(env.get("CASESTREAM_SESSION_TIMEOUT", "60")),
         shutdown_seconds=float(env.get("CASESTREAM_SHUTDOWN_SECONDS", "30")),
+        state_memory_mb=float(env.get("CASESTREAM_STATE_MEMORY_MB", "128")),
         db_prefix=env.get("CASESTREAM_DB_PREFIX", "casestream_"),
         projections=tuple(p.strip() for p in env.get("CASESTREAM_PROJECTIONS", "postgres,elasticsearch").split(",")
                           if p.strip()),

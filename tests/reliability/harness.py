@@ -440,14 +440,16 @@ class Kills:
     current incarnation is at work (its events metric, summed over its incarnations: work redone
     after a kill counts again, so a kill comes a little early, never late), then restart it in
     place: same instance id, same data directory (a pod restarted by its supervisor). Each worker's
-    peak RSS is sampled meanwhile (``peak``; ``rss``: each killed incarnation's)."""
+    peak RSS is sampled meanwhile (``peak``; ``rss``: each killed incarnation's), and its current RSS
+    each time it has made another ``trace_every`` of its events (``trace``: (events made, MiB))."""
 
     EVENTS = "casestream_domain_events_total"
 
-    def __init__(self, stack, targets: list[tuple[object, int]], times: int = 3):
+    def __init__(self, stack, targets: list[tuple[object, int]], times: int = 3, trace_every: float = 0.05):
         from tests.reliability.report import PeakRss
 
-        self.stack, self.targets, self.times = stack, targets, times
+        self.stack, self.targets, self.times, self.trace_every = stack, targets, times, trace_every
+        self.trace: dict[str, list[tuple[int, float | None]]] = {w.instance_id: [] for w, _ in targets}
         self.made = {w.instance_id: 0.0 for w, _ in targets}              # by the incarnations killed so far
         self.at: dict[str, list[int]] = {w.instance_id: [] for w, _ in targets}   # events made at each kill
         self.rss: dict[str, list[float | None]] = {w.instance_id: [] for w, _ in targets}
@@ -465,6 +467,9 @@ class Kills:
             for w, events in self.targets:
                 self.peak[w.instance_id].sample(w.proc.pid)
                 now = metric(w, self.EVENTS)
+                made, trace = self.made[w.instance_id] + now, self.trace[w.instance_id]
+                if events and made >= events * self.trace_every * (len(trace) + 1):
+                    trace.append((int(made), rss_mib(w.proc.pid, "VmRSS")))
                 if self.due(w, events, now):
                     self.rss[w.instance_id].append(rss_mib(w.proc.pid))
                     w.kill()

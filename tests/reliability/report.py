@@ -30,11 +30,12 @@ def scale(n: int) -> int:
     return max(1, int(n * float(os.environ.get(SCALE_ENV, "1"))))
 
 
-def rss_mib(pid: int) -> float | None:
-    """The peak resident set (VmHWM) of process ``pid`` in MiB; None when it is gone."""
+def rss_mib(pid: int, field: str = "VmHWM") -> float | None:
+    """The peak resident set (VmHWM; ``field="VmRSS"``: the current one) of process ``pid`` in MiB;
+    None when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None

@@ -116,9 +116,13 @@ def test_soak(fresh_stack, engine_set, tmp_path, run_id):
         generator = Generator(run_id, tenants=(CM,), seed=2, keys=max(40, n // 20), gateway=0.01, batch=5000)
         kills, workers = _kill_run(stack, runs, generator, n, gateway, 10)
         verdict = runs[CM].verdict(replay=None)
-        each = [round(x) if x else None for x in kills.rss[workers[CM].instance_id]]
+        iid = workers[CM].instance_id
+        each = [round(x) if x else None for x in kills.rss[iid]]
+        trace = ", ".join(f"{made}: {round(mib) if mib else '-'}" for made, mib in kills.trace[iid])
         report = _report("soak sigkill x10", engine_set.profile, runs[CM], verdict, workers[CM], kills,
-                         round(time.monotonic() - started, 1), f"; peak RSS of each incarnation killed (MiB) {each}")
+                         round(time.monotonic() - started, 1),
+                         f"; peak RSS of each incarnation killed (MiB) {each}; RSS now (MiB) at events made "
+                         f"{{{trace}}}")
         report.assert_clean(str(verdict))
     finally:
         gateway.stop()
