@@ -130,6 +130,13 @@ class Generator:
             step.messages.append(msg)
         return step
 
+    def _tenant(self, name: str):
+        """The tenant's configuration, read once (get_tenant parses tenants.yaml on every call)."""
+        cache = self.__dict__.setdefault("_tenants", {})
+        if name not in cache:
+            cache[name] = get_tenant(name)
+        return cache[name]
+
     def _next_id(self) -> str:
         self.serial += 1
         return f"{self.run_id}-g{self.serial}"
@@ -154,7 +161,7 @@ class Generator:
         return {"event_id": self._next_id(), "action": action, "dedup_key": key.name}
 
     def _command(self, tenant: str, key: _Key) -> dict:
-        t = get_tenant(tenant)
+        t = self._tenant(tenant)
         msg = {"event_id": self._next_id(), "actor": self.rnd.choice(PEOPLE)}
         if self.rnd.random() < 0.2:
             msg["case_id"] = make_case_id(t, key.name, key.cases)
