@@ -68,10 +68,11 @@ def test_a_cancelled_or_disabled_deadline_does_nothing():
     from streams.health import ShutdownDeadline
 
     got = []
-    d = ShutdownDeadline(0.05, exit=lambda code, msg: got.append(code))
+    d = ShutdownDeadline(30, exit=lambda code, msg: got.append(code))   # long: a loaded machine never fires it first
     d.start()
     d.cancel()
     d._timer.join(5)
+    assert not d._timer.is_alive()   # cancelled: the timer thread ended without firing
     ShutdownDeadline(0, exit=lambda code, msg: got.append(code)).start()
     assert got == []
 
