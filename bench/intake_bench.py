@@ -2,7 +2,10 @@
 
     .venv/bin/python bench/intake_bench.py [--messages 20000] [--keys 2000] [--engines apache|standin]
 
-1. domain: parse + decide + remember per message, no I/O (one core).
+1. domain: parse + the apply stage per message, no I/O (one core): ``streams.stage.memory.MemoryStage``,
+   the apply agent's code -- decide, relay copies and delivery requests, Avro encoding, remember
+   (with the recorded outputs). Before streams/stage existed this measured parse + decide + remember
+   only (``cases.InMemory``: no outputs, no encoding), so its earlier figures are not comparable.
 2. end to end: Kafka (``streams.engines``: Apache Kafka, or the noida-db
    stand-in) on free ports in a temporary directory, topics, one on-call
    worker subprocess (projections off: intake only); N intake messages are published up front, and the
@@ -29,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streams.config import get_tenant, load_tenants, load_topics  # noqa: E402
-from streams.domain import cases as domain  # noqa: E402
 from streams.domain.intake import parse  # noqa: E402
 from streams.kafka import end_offsets  # noqa: E402
+from streams.stage.memory import MemoryStage  # noqa: E402
 from bench_engines import add_engines_arg, running_engines, stop  # noqa: E402
 
 
@@ -62,14 +65,14 @@ def _oncall(oncall_dir: Path):
 
 def _events_of(lines: list[bytes], oncall_dir: Path) -> int:
     tenant = get_tenant("on-call")
-    world = domain.InMemory(tenant, _oncall(oncall_dir))
+    world = MemoryStage(tenant, _oncall(oncall_dir))
     now = int(time.time() * 1000)  # what the worker sees: schedules answer for the time of receipt
     return sum(len(world.handle(parse(raw, tenant, now)).events) for raw in lines)
 
 
 def bench_domain(lines: list[bytes], oncall_dir: Path) -> tuple[float, int]:
     tenant = get_tenant("on-call")
-    world = domain.InMemory(tenant, _oncall(oncall_dir))
+    world = MemoryStage(tenant, _oncall(oncall_dir))
     now = int(time.time() * 1000)
     t0 = time.perf_counter()
     events = 0
@@ -150,8 +153,8 @@ def main() -> None:
     oncall_dir = Path(tempfile.mkdtemp(prefix="no-oncall-")) if args.no_oncall else ROOT / "oncall"
     lines = feed(args.messages, args.keys)
     rate, events = bench_domain(lines, oncall_dir)
-    print(f"domain (parse+decide+remember, in-process, on-call config {'off' if args.no_oncall else 'on'}): "
-          f"{rate:,.0f} msgs/s; {events} domain events")
+    print(f"domain (parse + apply stage: decide, outputs, Avro, remember; in-process, "
+          f"on-call config {'off' if args.no_oncall else 'on'}): {rate:,.0f} msgs/s; {events} domain events")
     if not args.skip_e2e:
         r = bench_end_to_end(lines, events, oncall_dir, args.engines)
         print(f"end to end (1 on-call worker, local Kafka): {r}")

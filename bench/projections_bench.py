@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streams.config import get_tenant, load_tenants, load_topics  # noqa: E402
-from streams.domain import cases as domain  # noqa: E402
 from streams.domain.intake import make_case_id, parse  # noqa: E402
 from streams.kafka import create_topics, stop_consumer  # noqa: E402
 from streams.query import percentiles  # noqa: E402
+from streams.stage.memory import MemoryStage  # noqa: E402
 from bench_engines import add_engines_arg, running_engines, stop  # noqa: E402
 
 TENANT = "on-call"
@@ -78,7 +78,7 @@ def expected(lines: list[bytes]) -> tuple[int, dict[str, int]]:
     from streams.oncall_config import load_oncall
 
     tenant = get_tenant(TENANT)
-    world = domain.InMemory(tenant, load_oncall(tenant, ROOT / "oncall" / f"{TENANT}.yaml"))
+    world = MemoryStage(tenant, load_oncall(tenant, ROOT / "oncall" / f"{TENANT}.yaml"))
     now = int(time.time() * 1000)
     n, latest = 0, {}
     for raw in lines:

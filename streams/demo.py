@@ -22,12 +22,12 @@ import orjson
 
 from streams.kafka import end_offsets, stop_consumer
 from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
-from streams.domain import cases as domain
 from streams.domain.intake import Rejection, parse
 from sinks.elasticsearch import index_name
 from streams.app import oncall_path_for
 from streams.oncall_config import load_oncall
 from streams.settings import Settings
+from streams.stage.memory import MemoryStage
 
 DEMO_DIR = PROJECT_ROOT / "demo"
 
@@ -55,7 +55,7 @@ def expected_outputs(tenant, lines: list[bytes], oncall=None, now_ms: int | None
     with the tenant's on-call config: paging, automation, and the timers
     already due at ``now_ms`` (SLA deadlines of the feed's old timestamps)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    world = domain.InMemory(tenant, oncall)
+    world = MemoryStage(tenant, oncall)
     n_events = n_dlq = 0
     for raw in lines:
         it = parse(raw, tenant, now_ms)

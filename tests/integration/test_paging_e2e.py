@@ -19,9 +19,9 @@ import pytest
 
 from streams.clock import FileClock
 from streams.config import get_tenant
-from streams.domain import cases as domain
 from streams.domain.intake import parse
 from streams.oncall_config import load_oncall
+from streams.stage.memory import MemoryStage
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ class Pager:
         self.env = {"CASESTREAM_ONCALL_DIR": str(self.dir), "CASESTREAM_CLOCK": f"file:{self.clock.path}",
                     "CASESTREAM_TIMER_TICK": "0.1"}
         self.tenant = get_tenant(tenant)
-        self.model = domain.InMemory(self.tenant, load_oncall(self.tenant, self.file))
+        self.model = MemoryStage(self.tenant, load_oncall(self.tenant, self.file))
         self.model_events: list[dict] = []
         self.worker = None
 

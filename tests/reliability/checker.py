@@ -10,7 +10,7 @@
   (PostgreSQL states, rows and timeline, Elasticsearch documents) and what a
   replay of the log rebuilt. A message sent without ``event_id`` is known by
   its record (``record_event_id``): its send carries the record ids.
-* **Model** -- the pure domain (``streams.domain.cases.InMemory``, with the
+* **Model** -- the apply stage over dicts (``streams.stage.memory.MemoryStage``, with the
   tenant's on-call configuration): fed the operations in order, it says
   which domain events must exist (exact, ids included), which deliveries
   the events ask for (``streams.domain.notify.deliveries``) and which events
@@ -80,6 +80,7 @@ from streams.domain.intake import Rejection, parse
 from streams.domain.notify import OUTCOME_TYPES
 from streams.domain.notify import deliveries as deliveries_for
 from streams.domain.relay import route_events
+from streams.stage.memory import MemoryStage
 from sinks.elasticsearch import document
 
 OK, INFO = "ok", "info"
@@ -189,7 +190,7 @@ class Model:
     def __init__(self, tenant: Tenant, oncall=None):
         self.tenant = tenant
         self.oncall = oncall
-        self.mem = domain.InMemory(tenant, oncall)
+        self.mem = MemoryStage(tenant, oncall)
         self.events: list[dict] = []
         self.deliveries: dict[str, dict] = {}          # delivery id -> request
         self.relayed: dict[str, list[dict]] = defaultdict(list)  # subscription id -> events
@@ -230,7 +231,7 @@ class Model:
         self._record(before, d.events)
 
     def advance(self, now_ms: int) -> None:
-        """Fire every timer due by ``now_ms``, in due order (what ``InMemory.advance`` does)."""
+        """Fire every timer due by ``now_ms``, in due order (what ``MemoryStage.advance`` does)."""
         while True:
             due = [t for t in self.mem.pending() if t["due_at"] <= now_ms]
             if not due:

@@ -1,6 +1,6 @@
 """Small builders for unit tests: intake messages (dict -> orjson bytes ->
 ``parse``) and ``World``, a convenience wrapper over
-``streams.domain.cases.InMemory`` (the stateful stage over dicts).
+``streams.stage.memory.MemoryStage`` (the apply stage over dicts).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import orjson
 from streams.config import Tenant, load_tenants
 from streams.domain import cases as domain
 from streams.domain.intake import Intake, Rejection, derive_id, parse
+from streams.stage.memory import MemoryStage
 
 TENANTS = load_tenants()
 CM = TENANTS["case-management"]
@@ -71,10 +72,11 @@ def set_status(status: str, **kw) -> dict:
 
 
 class World:
-    """A thin test wrapper over :class:`streams.domain.cases.InMemory`.
+    """A thin test wrapper over :class:`streams.stage.memory.MemoryStage`.
 
-    ``InMemory.handle`` runs the stateful stage (lookup, decide, index and
-    entry writes, remember) exactly like ``agents/intake.py``; this wrapper
+    ``MemoryStage.handle`` runs the apply stage (``streams.stage.apply.ApplyBatch``:
+    lookup, decide, outputs, index and entry writes, remember) exactly like
+    ``agents/intake.py``; this wrapper
     only adds conveniences: messages without an ``event_id`` get a fresh one
     (``e1``, ``e2``, ...) and, without a ``timestamp``, a received time one
     second after the last; the domain events are kept in order; and the
@@ -84,7 +86,7 @@ class World:
     def __init__(self, tenant: Tenant, prefix: str = "e"):
         self.tenant = tenant
         self.prefix = prefix
-        self.mem = domain.InMemory(tenant)
+        self.mem = MemoryStage(tenant)
         self.events: list[dict] = []
         self.n = 0
 

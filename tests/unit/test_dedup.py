@@ -14,12 +14,13 @@ from helpers import (
 )
 from streams.domain import cases as domain
 from streams.domain.cases import (
-    EVENT_TYPES, RECENT_LIMIT, SEEN_LIMIT, STATE_FIELDS, InMemory, already_seen, apply, compact, decide,
+    EVENT_TYPES, RECENT_LIMIT, SEEN_LIMIT, STATE_FIELDS, already_seen, apply, compact, decide,
     is_redelivery, lookup, new_entry, recorded_outputs, remember, replay, target_case,
 )
 from streams.domain.intake import (
     INVALID_TRANSITION, NO_OPEN_CASE, UNKNOWN_CASE, derive_id, make_case_id, routing_token,
 )
+from streams.stage.memory import MemoryStage
 
 TENANT_NAMES = sorted(TENANTS)
 ENVELOPE = ("event_id", "type", "tenant", "case_id", "dedup_key", "version", "occurred_at",
@@ -179,7 +180,10 @@ def test_duplicate_through_world_has_no_second_effect():
     assert case_before["occurrence_count"] == 2
     assert w.key("k1") == entry_before  # nothing stored, not even "seen" again
     assert entry_before["seen"] == ["x-1", "x-2"]
-    assert recorded_outputs(entry_before, "x-2") == []  # InMemory records no outputs
+    x2 = w.events[-1]
+    assert x2["caused_by"] == "x-2" and x2["type"] == "AlertDeduplicated"
+    # what x-2 produced, kept for a redelivery (the stored form: [kind, key, value] rows)
+    assert recorded_outputs(entry_before, "x-2") == [["domain-events", x2["case_id"], x2]]
 
 
 def test_command_by_case_id_duplicate_detected_via_key_entry():
@@ -490,7 +494,12 @@ def test_stored_cases_hold_only_state_fields(name):
     for entry in w.entries.values():
         for case in entry["cases"].values():
             assert set(case) == set(STATE_FIELDS)
-    assert "x" * 10_000 not in orjson.dumps(w.entries).decode()
+    # the decision state holds no payload; only the recorded outputs of recent inputs (re-sent verbatim
+    # on a redelivery, bounded by RECENT_LIMIT / RECENT_BYTES) carry the CaseCreated event that has it
+    state = {key: {k: v for k, v in entry.items() if k != "recent"} for key, entry in w.entries.items()}
+    assert "x" * 10_000 not in orjson.dumps(state).decode()
+    assert [kind for kind, _key, _value in recorded_outputs(w.key("db/disk"), created["caused_by"])] == \
+        ["domain-events"]
     # and it keeps what decisions need
     case = w.case(cid)
     assert (case["case_id"], case["dedup_key"], case["tenant"]) == (cid, "db/disk", name)
@@ -574,12 +583,12 @@ def test_target_case():
 
 
 # --------------------------------------------------------------------------
-# InMemory: the whole stateful stage over dicts
+# MemoryStage: the whole apply stage over dicts
 # --------------------------------------------------------------------------
 
 
 def test_in_memory_index_maps_created_cases_to_their_key():
-    mem = InMemory(CM)
+    mem = MemoryStage(CM)
     d = mem.handle(intake(CM, trigger("svc/a", event_id="1")))
     c1 = d.created[0]
     assert mem.index == {c1: "svc/a"}
@@ -595,7 +604,7 @@ def test_in_memory_index_maps_created_cases_to_their_key():
 
 
 def test_in_memory_command_by_case_id_goes_through_the_index():
-    mem = InMemory(OC)
+    mem = MemoryStage(OC)
     cid = mem.handle(intake(OC, trigger("svc/a", event_id="1"))).created[0]
     d = mem.handle(intake(OC, command("assign", case_id=cid, assignee=BOB, event_id="2")))
     e = only_event(d, "Assigned")
@@ -613,11 +622,11 @@ def test_in_memory_command_by_case_id_goes_through_the_index():
 
 
 def test_in_memory_remembers_offset_and_is_redelivery_only_for_same_offset():
-    mem = InMemory(CM)
+    mem = MemoryStage(CM)
     it = intake(CM, trigger("k1", event_id="ev"))
-    mem.handle(it, offset=41)
+    created = mem.handle(it, offset=41).events[0]
     entry = mem.entries["k1"]
-    assert entry["recent"] == [["ev", [], 41]]
+    assert entry["recent"] == [["ev", [["domain-events", created["case_id"], created]], 41]]
     assert is_redelivery(entry, "ev", 41) is True
     assert is_redelivery(entry, "ev", 42) is False   # same id, another record: sent twice
     assert is_redelivery(entry, "ev", None) is False
@@ -659,7 +668,9 @@ def test_rejection_for_known_key_is_remembered_then_duplicate(name):
     assert d.events == [] and d.created == []
     after = w.key("k1")
     assert after["seen"] == before["seen"] + ["late-ack"]
-    assert after["recent"][-1] == ["late-ack", [], 7]
+    (kind, key, record), = recorded_outputs(after, "late-ack")  # its dead letter, re-sent on a redelivery
+    assert (kind, key, record["reason"], record["event_id"]) == ("dlq", "k1", NO_OPEN_CASE, "late-ack")
+    assert after["recent"][-1] == ["late-ack", [[kind, key, record]], 7]
     assert {k: v for k, v in after.items() if k not in ("seen", "recent", "applied")} == \
         {k: v for k, v in before.items() if k not in ("seen", "recent", "applied")}
     assert after["applied"] == before["applied"] + 1  # one more input applied: a later state of the key
@@ -810,7 +821,7 @@ def test_eviction_keeps_the_last_cases_even_with_backdated_timestamps(monkeypatc
 
 def test_the_apply_agent_flushes_before_a_state_forgets_unsent_outputs():
     """A busy key: more inputs than RECENT_LIMIT since the last flush (in one batch or several)."""
-    from agents.intake import UnflushedOutputs
+    from streams.stage.apply import UnflushedOutputs
     from streams.domain.cases import RECENT_LIMIT
 
     u = UnflushedOutputs(RECENT_LIMIT)
@@ -838,7 +849,7 @@ def test_remember_keeps_recent_outputs_within_a_byte_budget():
 
 def test_the_apply_agent_flushes_before_large_outputs_push_unsent_ones_out():
     """A state that keeps the outputs of fewer inputs than were applied since the last flush: flush first."""
-    from agents.intake import UnflushedOutputs
+    from streams.stage.apply import UnflushedOutputs
     from streams.domain.cases import RECENT_LIMIT
 
     u = UnflushedOutputs(RECENT_LIMIT)

@@ -1,4 +1,4 @@
-"""A property test of ``decide``/``apply`` (the pure stateful stage, ``cases.InMemory``) against a
+"""A property test of ``decide``/``apply`` (the apply stage over dicts, ``streams.stage.memory``) against a
 deliberately simple model of PagerDuty's rules, over random histories of triggers, acknowledges,
 resolves, commands, re-sends and redeliveries (hypothesis, stateful).
 
@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from streams.domain import cases as domain
 from streams.domain.intake import Intake, parse, record_event_id
+from streams.stage.memory import MemoryStage
 
 from helpers import ALICE, OC, T0
 
@@ -48,7 +49,7 @@ class KeyModel:
 class PagerDutyRules(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.sut = domain.InMemory(OC)
+        self.sut = MemoryStage(OC)
         self.model = {k: KeyModel() for k in KEYS}
         self.offset = 0
         self.records: list[tuple[bytes, str, int]] = []   # (bytes, record id, offset): what was sent

@@ -6,6 +6,7 @@ from helpers import OC, T0, intake
 from streams.domain import cases as domain
 from streams.domain import notify
 from streams.oncall_config import load_oncall
+from streams.stage.memory import MemoryStage
 
 CFG = """\
 users:
@@ -27,7 +28,7 @@ def setup(tmp_path):
     p = tmp_path / "on-call.yaml"
     p.write_text(CFG)
     cfg = load_oncall(OC, p)
-    return cfg, domain.InMemory(OC, cfg)
+    return cfg, MemoryStage(OC, cfg)
 
 
 def run(mem, cfg, msg):

@@ -10,6 +10,7 @@ import pytest
 from streams.domain import cases as domain
 from streams.domain import oncall as paging
 from streams.oncall_config import load_oncall
+from streams.stage.memory import MemoryStage
 
 from helpers import CM, OC, T0, intake
 
@@ -100,11 +101,11 @@ def config(tmp_path, tenant, text):
 
 
 class Pager:
-    """InMemory with on-call config and a simulated clock (ms)."""
+    """MemoryStage with on-call config and a simulated clock (ms)."""
 
     def __init__(self, tenant, cfg):
         self.tenant = tenant
-        self.mem = domain.InMemory(tenant, cfg)
+        self.mem = MemoryStage(tenant, cfg)
         self.now = T0
         self.events: list[dict] = []
         self.n = 0
@@ -322,7 +323,7 @@ def test_sla_follows_priority_changes(tmp_path):
 
 
 def test_without_config_nothing_follows():
-    mem = domain.InMemory(OC)
+    mem = MemoryStage(OC)
     d = mem.handle(intake(OC, {"event_id": "x", **trig()}, T0))
     assert [e["type"] for e in d.events] == ["CaseCreated"]
     assert "oncall" not in mem.entries["k1"]

@@ -6,9 +6,9 @@ import pytest
 
 from helpers import OC, T0, intake
 from streams.config import ConfigError, load_topics
-from streams.domain import cases as domain
 from streams.domain.relay import route_events
 from streams.oncall_config import load_oncall
+from streams.stage.memory import MemoryStage
 
 
 def load(tmp_path, text):
@@ -51,7 +51,7 @@ def test_subscription_errors_name_the_line(tmp_path, old, new, line, word):
 
 def test_routing_uses_the_case_after_each_event(tmp_path):
     cfg = load(tmp_path, SUBS)
-    mem = domain.InMemory(OC)
+    mem = MemoryStage(OC)
     msgs = [{"event_id": "1", "action": "trigger", "dedup_key": "k", "summary": "s", "severity": "critical"},
             {"event_id": "2", "action": "acknowledge", "dedup_key": "k"},
             {"event_id": "3", "action": "resolve", "dedup_key": "k"}]
