@@ -1,9 +1,13 @@
 """Elasticsearch indexer: one search document per case, per tenant index.
 
 The index (``cases-<tenant>`` by default) is created with an explicit
-mapping. Each batch: fetch the current documents of the batch's cases
-(``mget``), fold the new events into them with the domain's ``apply``, and
-write them in one ``bulk`` with external versioning on the case ``version``
+mapping, derived from the case fields of ``streams/domain/case_schema.py``.
+Each batch: fetch the current documents of the batch's cases (``mget``),
+fold the new events onto the case state each document stores (its
+``state`` object: mapped ``enabled: false``, so kept in ``_source`` and
+never searchable; no payloads, people by id only) with the fold of
+``sinks/base.py``, and write them in one ``bulk`` with external versioning
+on the case ``version``
 -- duplicates and replays are harmless, an older version never overwrites a
 newer one, and a version conflict counts as success. A document behind the
 batch's events (a version gap: the document was refused before, or a record
@@ -19,7 +23,10 @@ for good (any other 4xx bulk item but 409, e.g. a mapping error) is not
 retried: its records are returned as ``Rejected`` and the projection agent
 dead-letters them (``projection_rejected``). Documents are built
 from an allowlist of fields (never by copying the event); people appear by
-id only (names and emails are not indexed).
+id only (names and emails are not indexed, nor stored). Searches leave the
+stored state out (``streams/query.py``). A document indexed before documents
+held their state is read back from its fields (``state_from_document``) and
+gets its state at its case's next event.
 
 On-call properties (escalation policy, step, targets, responders, SLA
 breaches) are indexed the same way: targets as ``kind:id`` keywords,
@@ -28,48 +35,43 @@ records, which carry names and emails, are never indexed.
 
 The mapping is strict. Opening an existing index puts the full mapping again
 (``put_mapping`` only adds fields; a changed type is an error), so an index
-created before a field was added accepts documents with it.
+created before a field was added (the on-call fields, the stored state)
+accepts documents with it.
 """
 
 from __future__ import annotations
 
 import logging
 
-from sinks.base import Backoff, Rejected, SinkRecord
+from sinks.base import Backoff, BatchingSink, CaseEvents, Rejected, SinkRecord
 from sinks.history import CaseHistory, Gap
 from streams import metrics
 from streams.config import Tenant
-from streams.domain import cases as domain
+from streams.domain import case_schema
 
 log = logging.getLogger("casestream.sinks.elasticsearch")
 
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})   # a request answered so: retried with backoff
-KEYWORD = {"type": "keyword"}
-DATE = {"type": "date", "format": "epoch_millis"}
+# how the registry's index kinds (streams/domain/case_schema.py) map
+_KINDS = {
+    case_schema.KEYWORD: {"type": "keyword"},
+    case_schema.TEXT: {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}},
+    case_schema.DATE: {"type": "date", "format": "epoch_millis"},
+    case_schema.LONG: {"type": "long"},
+    case_schema.DOUBLE: {"type": "double"},
+    case_schema.BOOLEAN: {"type": "boolean"},
+}
+_INDEXED = tuple(f for f in case_schema.FIELDS if f.index is not None)
+STORED_STATE = case_schema.STORED_STATE
 MAPPING = {
     "dynamic": "strict",
     "properties": {
-        "case_id": KEYWORD, "tenant": KEYWORD, "dedup_key": KEYWORD, "status": KEYWORD,
-        "case_type": KEYWORD, "work_type": KEYWORD, "severity": KEYWORD, "priority": KEYWORD,
-        "urgency": KEYWORD, "source": KEYWORD, "project": KEYWORD, "component": KEYWORD,
-        "group": KEYWORD, "class": KEYWORD, "tags": KEYWORD, "assignee_id": KEYWORD,
-        "summary": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}},
-        "created_at": DATE, "updated_at": DATE, "last_seen_at": DATE, "status_changed_at": DATE,
-        "acknowledged_at": DATE, "resolved_at": DATE,
-        "occurrence_count": {"type": "long"}, "comment_count": {"type": "long"}, "version": {"type": "long"},
-        "time_to_acknowledge_seconds": {"type": "double"}, "time_to_resolve_seconds": {"type": "double"},
-        # on-call properties (people by id only)
-        "escalation_policy_id": KEYWORD, "escalation_policy_step_id": KEYWORD,
-        "escalation_policy_retry_count": {"type": "long"}, "escalation_active": {"type": "boolean"},
-        "is_shadow": {"type": "boolean"}, "targets": KEYWORD, "responder_users": KEYWORD,
-        "responders_added_at": DATE, "time_to_first_acknowledge": {"type": "long"}, "sla_breaches": KEYWORD,
+        **{f.name: _KINDS[f.index] for f in _INDEXED},
+        **{f.name: _KINDS[f.index] for f in case_schema.SEARCH_FIELDS},
+        # the case state later events fold onto: kept in _source, never searchable (people by id only)
+        STORED_STATE: {"type": "object", "enabled": False},
     },
 }
-_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity", "priority",
-           "urgency", "source", "project", "component", "group", "class", "tags", "summary", "created_at",
-           "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
-           "occurrence_count", "comment_count", "version",
-           "escalation_policy_id", "escalation_policy_step_id", "responders_added_at")
 
 
 def index_name(tenant: Tenant, prefix: str = "") -> str:
@@ -93,46 +95,47 @@ async def create_index(client, name: str) -> None:
             raise
 
 
+def _search_value(f: case_schema.CaseField, v):
+    if f.type == case_schema.TARGETS:
+        return [f"{t['kind']}:{t['id']}" for t in v or []]
+    if f.type == case_schema.STRS:
+        return list(v or [])
+    return v
+
+
 def document(case: dict) -> dict:
-    """The search document of a case: an allowlist, people by id only."""
-    doc = {f: case.get(f) for f in _FIELDS}
-    doc["tags"] = list(case.get("tags") or [])
-    doc["assignee_id"] = (case.get("assignee") or {}).get("id")
-    created = case.get("created_at")
-    ack, res = case.get("acknowledged_at"), case.get("resolved_at")
-    doc["time_to_acknowledge_seconds"] = (ack - created) / 1000 if ack is not None and created is not None else None
-    doc["time_to_resolve_seconds"] = (res - created) / 1000 if res is not None and created is not None else None
-    # on-call: a case folded before these fields existed has the defaults
-    doc["escalation_policy_retry_count"] = case.get("escalation_policy_retry_count") or 0
-    doc["escalation_active"] = bool(case.get("escalation_active"))
-    doc["is_shadow"] = bool(case.get("is_shadow"))
-    doc["targets"] = [f"{t['kind']}:{t['id']}" for t in case.get("targets") or []]
-    doc["responder_users"] = list(case.get("responder_users") or [])  # ids, never the records
-    doc["sla_breaches"] = list(case.get("sla_breaches") or [])
-    ttfa = case.get("time_to_first_acknowledge")
-    if ttfa is None and ack is not None and created is not None:
-        ttfa = ack - created  # what apply computes at the first acknowledge (ms)
-    doc["time_to_first_acknowledge"] = ttfa
+    """The search document of a case: its indexed fields (an allowlist, people by id only), the
+    computed ones, and the state to fold later events onto (no payloads, people by id only)."""
+    case = case_schema.with_defaults(case)  # a case folded before the on-call fields existed has the defaults
+    doc = {f.name: _search_value(f, case.get(f.name)) for f in _INDEXED}
+    doc.update({f.name: f.of(case) for f in case_schema.SEARCH_FIELDS})
+    doc[STORED_STATE] = case_schema.index_state(case)
     return doc
 
 
+def stored_state(doc: dict) -> dict:
+    """The case state a document holds (of a document indexed before it held one: rebuilt from its fields)."""
+    state = doc.get(STORED_STATE)
+    return state if state is not None else state_from_document(doc)
+
+
 def state_from_document(doc: dict) -> dict:
-    """Enough of a case, from its document, for ``apply`` of later events."""
-    state = dict(doc)
-    aid = state.pop("assignee_id", None)
+    """Enough of a case, from the fields of a document indexed before documents held their state
+    (``STORED_STATE``), for ``apply`` of later events. Such a document is rewritten with its state
+    at its case's next event; this is only read for documents no event has touched since."""
+    state = {k: v for k, v in doc.items() if k != STORED_STATE}
+    aid = state.get("assignee_id")
+    for f in case_schema.SEARCH_FIELDS:
+        state.pop(f.name, None)
     state["assignee"] = {"id": aid, "name": None, "email": None} if aid else None
-    state.pop("time_to_acknowledge_seconds", None)
-    state.pop("time_to_resolve_seconds", None)
-    for k, v in domain.ONCALL_DEFAULTS.items():  # a document indexed before the on-call fields
-        if state.get(k) is None:
-            state[k] = list(v) if isinstance(v, list) else v
+    state = case_schema.with_defaults(state)  # a document indexed before the on-call fields
     state["targets"] = [dict(zip(("kind", "id"), t.split(":", 1))) for t in state["targets"]]
     # names and emails are not indexed: responders come back by id only
     state["responders"] = [{"id": uid, "name": None, "email": None} for uid in state["responder_users"]]
     return state
 
 
-class ElasticsearchSink:
+class ElasticsearchSink(BatchingSink):
     name = "elasticsearch"
 
     def __init__(self, url: str, index: str, tenant: Tenant, history: CaseHistory, backoff: Backoff | None = None,
@@ -146,19 +149,25 @@ class ElasticsearchSink:
         self.client = None
         self.skipped = 0
 
-    def _retry_on(self) -> tuple[type[BaseException], ...]:
+    @property
+    def target(self) -> str:
+        return self.index
+
+    def is_open(self) -> bool:
+        return self.client is not None
+
+    def retryable(self) -> tuple[type[BaseException], ...]:
         from elasticsearch import ConnectionError as ESConnectionError, ConnectionTimeout
 
         return (ESConnectionError, ConnectionTimeout, OSError, _Retryable)
 
-    async def open(self) -> None:
+    async def connect(self) -> None:
         from elasticsearch import AsyncElasticsearch
 
         if self.client is None:
             self.client = AsyncElasticsearch(self.url, request_timeout=30)
         if self.create:
-            await self.backoff.run(f"elasticsearch open {self.index}", lambda: _transient(self.ensure_index()),
-                                   self._retry_on())
+            await _transient(self.ensure_index())
 
     async def ensure_index(self) -> None:
         """The alias ``self.index`` over a concrete index (``<alias>-initial``, after a rebuild
@@ -180,64 +189,34 @@ class ElasticsearchSink:
         await create_index(self.client, concrete)
         await self.client.indices.update_aliases(actions=[{"add": {"index": concrete, "alias": self.index}}])
 
-    async def write_batch(self, records: list[SinkRecord]) -> list[Rejected]:
+    async def write_once(self, records: list[SinkRecord]) -> list[Rejected]:
         """The records whose document the index refused for good (the rest is indexed)."""
-        if not records:
-            return []
-        if self.client is None:
-            await self.open()
-        return await self.backoff.run(f"elasticsearch bulk to {self.index}", lambda: _transient(self._write(records)),
-                                      self._retry_on())
+        return await _transient(self._index(records))
 
-    async def _write(self, records: list[SinkRecord]) -> list[Rejected]:
-        by_case: dict[str, list[dict]] = {}
-        record_of: dict[tuple[str, int], SinkRecord] = {}
-        for r in records:
-            by_case.setdefault(r.event["case_id"], []).append(r.event)
-            record_of.setdefault((r.event["case_id"], r.event["version"]), r)
-        ids = sorted(by_case)
+    async def _load(self, ids: list[str]) -> dict[str, dict]:
         got = await self.client.mget(index=self.index, ids=ids)
         unread = [d for d in got.body["docs"] if "error" in d]
         if unread:  # e.g. a shard not recovered yet after a restart: "not found" would skip its events
             raise _Retryable(f"mget {unread[0].get('_id')}: {unread[0]['error']}")
-        current = {d["_id"]: d["_source"] for d in got.body["docs"] if d.get("found")}
-        indexed: dict[str, dict | None] = {}   # the state of each case's document (None: no document)
-        pending: dict[str, dict[int, dict]] = {}  # case -> version -> event to fold onto it
-        gaps: list[Gap] = []
-        for cid in ids:
-            doc = current.get(cid)
-            state = state_from_document(doc) if doc else None
-            version = state["version"] if state else 0
-            # one event per version: a batch may hold an event twice (Kafka redelivers at least once), and a
-            # repeat must not end the fold below early (what came after it would never be indexed)
-            evs = {e["version"]: e for e in by_case[cid] if e["version"] > version}
-            if not evs:
-                continue  # all already indexed: a redelivery
-            indexed[cid], pending[cid] = state, evs
-            if sorted(evs) != list(range(version + 1, version + 1 + len(evs))):
-                last = record_of[(cid, max(evs))]   # the events in between sit below it in the log
-                gaps.append(Gap(cid, version, last.topic, last.partition, last.offset))
-        repaired = await self._repair(gaps, pending) if gaps else set()
+        return {d["_id"]: stored_state(d["_source"]) for d in got.body["docs"] if d.get("found")}
+
+    async def _index(self, records: list[SinkRecord]) -> list[Rejected]:
         ops: list[dict] = []
         written: list[tuple[str, list[SinkRecord]]] = []   # per document written: its case, the records in it
-        for cid, evs in pending.items():
-            state, used = indexed[cid], []
-            for v in sorted(evs):
-                if v != (state["version"] if state else 0) + 1:
-                    self.skipped += 1
-                    log.error("%s: %s: version %d is in neither the batch nor the domain-event log; "
-                              "indexed up to %s", self.index, cid, (state["version"] if state else 0) + 1,
-                              state and state["version"])
-                    break
-                state = domain.apply(self.tenant, state, evs[v])
-                if (cid, v) in record_of:
-                    used.append(record_of[(cid, v)])
-            if state is indexed[cid]:
+        repaired: set[str] = set()
+        for f in await self.fold_batch(records, self._load, self._repair):
+            if f.missing is not None:
+                self.skipped += 1
+                log.error("%s: %s: version %d is in neither the batch nor the domain-event log; "
+                          "indexed up to %s", self.index, f.case_id, f.missing, f.state and f.state["version"])
+            if not f.changed:
                 continue  # nothing to fold: the next version is missing
-            written.append((cid, used))
-            ops.append({"index": {"_index": self.index, "_id": cid, "version": state["version"],
+            if f.repaired:
+                repaired.add(f.case_id)
+            written.append((f.case_id, f.records))
+            ops.append({"index": {"_index": self.index, "_id": f.case_id, "version": f.state["version"],
                                   "version_type": "external"}})
-            ops.append(document(state))
+            ops.append(document(f.state))
         if not ops:
             return []
         # no explicit refresh: the server refreshes every second by itself (Elasticsearch, and the stand-in too)
@@ -260,27 +239,24 @@ class ElasticsearchSink:
             metrics.PROJECTION_REPAIRS.labels(self.tenant.name, self.name).inc(len(repaired))
         return rejected
 
-    async def _repair(self, gaps: list[Gap], pending: dict[str, dict[int, dict]]) -> set[str]:
-        """Add the events the batch lacks between each gap's document and its events, read back from the
-        domain-event log, to ``pending``; the cases now gapless."""
+    async def _repair(self, gaps: list[CaseEvents]) -> None:
+        """Add to each case with a version gap the events the batch lacks between its document and its
+        events, read back from the domain-event log."""
         from aiokafka.errors import KafkaError, KafkaTimeoutError
 
         try:
-            found = await self.history.missing(gaps)
+            found = await self.history.missing([Gap(c.case_id, c.stored_version, c.last.topic, c.last.partition,
+                                                    c.last.offset) for c in gaps])
         except KafkaError as exc:  # the log unreachable for the moment: the batch is retried
             if exc.retriable or isinstance(exc, KafkaTimeoutError):
                 raise _Retryable(f"reading the domain-event log back: {exc!r}") from exc
             raise
-        repaired = set()
-        for g in gaps:
-            evs = pending[g.case_id]
-            for e in found.get(g.case_id, ()):
-                evs.setdefault(e["version"], e)
-            if sorted(evs) == list(range(g.indexed + 1, g.indexed + 1 + len(evs))):
-                repaired.add(g.case_id)
+        for c in gaps:
+            c.add(found.get(c.case_id, ()))
+            if c.gapless():
                 log.warning("%s: %s had version %d indexed and the batch lacks versions after it; those were "
-                            "read back from %s[%d]", self.index, g.case_id, g.indexed, g.topic, g.partition)
-        return repaired
+                            "read back from %s[%d]", self.index, c.case_id, c.stored_version, c.last.topic,
+                            c.last.partition)
 
     async def flush(self) -> None:
         """Searchable now (a rebuild's end), not at the server's next refresh."""

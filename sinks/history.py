@@ -1,10 +1,10 @@
 """A case's earlier domain events, read back from the domain-event log.
 
-The Elasticsearch sink folds each batch onto the indexed document. When the
-document is behind the batch (a version gap: its document was refused
-earlier and dead-lettered, or a record never reached the sink), the events
-in between are read back from ``T.domain-events``, which keeps every event
-(``retention.ms: -1``). A case's events all sit in one partition (the log is
+The Elasticsearch sink folds each batch onto the case state its indexed
+document stores. When the document is behind the batch (a version gap: its
+document was refused earlier and dead-lettered, or a record never reached
+the sink), the events in between are read back from ``T.domain-events``,
+which keeps every event (``retention.ms: -1``). A case's events all sit in one partition (the log is
 keyed by case id), in version order, below the offset of the batch's event:
 the read goes backwards from there in growing windows and stops at the
 first window that holds the event right after the indexed version, so a

@@ -7,15 +7,18 @@ One database per tenant on the server of ``POSTGRES_DSN``
 
 ``write_batch`` runs one transaction: it inserts timeline rows (unique on
 ``(case_id, version)``: a redelivered event is a no-op), folds the new
-events into the case rows with the domain's own ``apply`` (events at or
-below a case's version are skipped; a case is rebuilt from its timeline
-when versions arrive out of order), and stores the partition positions
-reached -- so a crash between write and commit neither loses nor doubles
-anything. Positions are a record of progress, not a filter: skipping by
+events onto the stored case states (``case_states``) with the fold of
+``sinks/base.py`` (events at or below a case's version are skipped; when
+versions arrive out of order, the ones in between are read from the
+timeline, as far as they have arrived), writes the case rows, and stores
+the partition positions reached -- so a crash between write and commit
+neither loses nor doubles anything. Positions are a record of progress, not a filter: skipping by
 offset would silently drop a recreated topic's events.
 
-Case rows carry the on-call properties (migration 0002), responders as full
-records with names and emails -- unlike the search index, which keeps ids.
+The case row's columns are the fields of ``streams/domain/case_schema.py``
+(the migrations create them). Case rows carry the on-call properties
+(migration 0002), responders as full records with names and emails --
+unlike the search index, which keeps ids.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from pathlib import Path
 
 import orjson
 
-from sinks.base import Backoff, Rejected, SinkRecord
+from sinks.base import Backoff, BatchingSink, Rejected, SinkRecord
 from streams.config import Tenant
-from streams.domain import cases as domain
+from streams.domain import case_schema
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations" / "postgres"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -110,47 +113,33 @@ def _ts(ms: int | None) -> datetime | None:
     return None if ms is None else _EPOCH + timedelta(milliseconds=ms)
 
 
-_CASE_COLUMNS = (
-    "case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "summary", "source", "severity",
-    "priority", "urgency", "project", "component", "group", "class", "tags", "links", "custom_details",
-    "assignee", "occurrence_count", "comment_count", "created_at", "updated_at", "last_seen_at",
-    "status_changed_at", "acknowledged_at", "resolved_at", "version",
-    # on-call properties (migration 0002); responders keep names and emails here
-    "escalation_policy_id", "escalation_policy_step_id", "escalation_policy_retry_count", "escalation_active",
-    "is_shadow", "targets", "responder_users", "responders", "responders_added_at",
-    "time_to_first_acknowledge_ms", "sla_breaches",
-)
-_TS_COLUMNS = {"created_at", "updated_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
-               "responders_added_at"}
-_JSON_COLUMNS = {"links", "custom_details", "assignee", "targets", "responders"}
-_ARRAY_COLUMNS = {"tags", "responder_users", "sla_breaches"}
-_STATE_KEYS = {"time_to_first_acknowledge_ms": "time_to_first_acknowledge"}  # column -> state field, when not equal
+# the cases table's columns (streams/domain/case_schema.py); responders keep names and emails here
+CASE_COLUMNS = tuple(f.column_name for f in case_schema.FIELDS if f.postgres)
+_FIELD_OF = {f.column_name: f for f in case_schema.FIELDS if f.postgres}
+_JSON_TYPES = {case_schema.JSON, case_schema.PERSON, case_schema.PEOPLE, case_schema.TARGETS}   # jsonb columns
+
+
+def _value(f: case_schema.CaseField, v):
+    if f.type == case_schema.TIME:
+        return _ts(v)
+    if f.type in _JSON_TYPES:
+        return orjson.dumps(v).decode() if v is not None else None
+    if f.type == case_schema.STRS:
+        return list(v or [])
+    return v
 
 
 def case_row(case: dict) -> tuple:
-    out = []
-    for c in _CASE_COLUMNS:
-        key = _STATE_KEYS.get(c, c)
-        v = case.get(key)
-        if v is None and key in domain.ONCALL_DEFAULTS:
-            v = domain.ONCALL_DEFAULTS[key]  # a state folded before the on-call fields existed
-        if key == "time_to_first_acknowledge" and v is None and case.get("acknowledged_at") is not None:
-            v = case["acknowledged_at"] - case["created_at"]  # what apply computes at the first acknowledge
-        if c in _TS_COLUMNS:
-            v = _ts(v)
-        elif c in _JSON_COLUMNS:
-            v = orjson.dumps(v).decode() if v is not None else None
-        elif c in _ARRAY_COLUMNS:
-            v = list(v or [])
-        out.append(v)
-    return tuple(out)
+    """The ``cases`` row of a case (a state folded before the on-call fields existed gets their defaults)."""
+    case = case_schema.with_defaults(case)
+    return tuple(_value(_FIELD_OF[c], case.get(_FIELD_OF[c].name)) for c in CASE_COLUMNS)
 
 
 def _upsert_sql() -> str:
-    cols = ", ".join(f'"{c}"' for c in _CASE_COLUMNS)
-    params = ", ".join(f"${i}" + ("::jsonb" if c in _JSON_COLUMNS else "")
-                       for i, c in enumerate(_CASE_COLUMNS, start=1))
-    sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _CASE_COLUMNS if c != "case_id")
+    cols = ", ".join(f'"{c}"' for c in CASE_COLUMNS)
+    params = ", ".join(f"${i}" + ("::jsonb" if _FIELD_OF[c].type in _JSON_TYPES else "")
+                       for i, c in enumerate(CASE_COLUMNS, start=1))
+    sets = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in CASE_COLUMNS if c != "case_id")
     return (f"INSERT INTO cases ({cols}) VALUES ({params}) ON CONFLICT (case_id) DO UPDATE SET {sets} "
             f"WHERE cases.version < EXCLUDED.version")
 
@@ -173,11 +162,10 @@ def retry_on() -> tuple[type[BaseException], ...]:
             asyncpg.TooManyConnectionsError, asyncpg.TransactionRollbackError)
 
 
-class PostgresSink:
+class PostgresSink(BatchingSink):
     """The tenant's case projection and timeline (see the module docstring)."""
 
     name = "postgres"
-    RETRY_ON: tuple[type[BaseException], ...] = (OSError,)
 
     def __init__(self, dsn: str, database: str, tenant: Tenant, backoff: Backoff | None = None,
                  track_positions: bool = True):
@@ -187,70 +175,55 @@ class PostgresSink:
         self.tenant = tenant
         self.backoff = backoff or Backoff()
         self.pool = None
-        self.RETRY_ON = retry_on()
 
-    async def open(self) -> None:
+    @property
+    def target(self) -> str:
+        return self.database
+
+    def is_open(self) -> bool:
+        return self.pool is not None
+
+    def retryable(self) -> tuple[type[BaseException], ...]:
+        return retry_on()
+
+    async def connect(self) -> None:
         import asyncpg
 
-        async def connect():
-            await migrate(self.dsn, self.database)
-            self.pool = await asyncpg.create_pool(self.dsn, database=self.database, min_size=1, max_size=4)
+        await migrate(self.dsn, self.database)
+        self.pool = await asyncpg.create_pool(self.dsn, database=self.database, min_size=1, max_size=4)
 
-        await self.backoff.run(f"postgres open {self.database}", connect, self.RETRY_ON)
-
-    async def write_batch(self, records: list[SinkRecord]) -> list[Rejected]:
+    async def write_once(self, records: list[SinkRecord]) -> list[Rejected]:
         """Everything or an error: PostgreSQL refuses no record for good (``[]``)."""
-        if not records:
-            return []
-        if self.pool is None:
-            await self.open()
-        await self.backoff.run(f"postgres write to {self.database}", lambda: self._write(records), self.RETRY_ON)
-        return []
-
-    async def _write(self, records: list[SinkRecord]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(_TIMELINE_INSERT, [
                 (e["case_id"], e["version"], e["event_id"], e["type"], _ts(e["occurred_at"]), e["caused_by"],
                  orjson.dumps(e.get("actor")).decode(), orjson.dumps(e).decode())
                 for e in (r.event for r in records)])
-            await self._fold(conn, [r.event for r in records])
-            if not self.track_positions:
-                return
-            last: dict[tuple[str, int], int] = {}
-            for r in records:
-                last[(r.topic, r.partition)] = max(r.offset, last.get((r.topic, r.partition), -1))
-            await conn.executemany(
-                'INSERT INTO projection_positions (topic, partition, "offset") VALUES ($1, $2, $3) '
-                'ON CONFLICT (topic, partition) DO UPDATE SET "offset" = EXCLUDED."offset"',
-                [(t, p, o) for (t, p), o in last.items()])
+            await self._store_cases(conn, records)
+            if self.track_positions:
+                last: dict[tuple[str, int], int] = {}
+                for r in records:
+                    last[(r.topic, r.partition)] = max(r.offset, last.get((r.topic, r.partition), -1))
+                await conn.executemany(
+                    'INSERT INTO projection_positions (topic, partition, "offset") VALUES ($1, $2, $3) '
+                    'ON CONFLICT (topic, partition) DO UPDATE SET "offset" = EXCLUDED."offset"',
+                    [(t, p, o) for (t, p), o in last.items()])
+        return []
 
-    async def _fold(self, conn, events: list[dict]) -> None:
-        by_case: dict[str, list[dict]] = {}
-        for e in events:
-            by_case.setdefault(e["case_id"], []).append(e)
-        ids = sorted(by_case)
-        current = {r["case_id"]: (r["version"], orjson.loads(r["state"])) for r in await conn.fetch(
-            "SELECT case_id, version, state FROM case_states WHERE case_id = ANY($1::text[])", ids)}
-        new_states = []
-        for cid in ids:
-            evs = sorted(by_case[cid], key=lambda e: e["version"])
-            version, state = current.get(cid, (0, None))
-            evs = [e for e in evs if e["version"] > version]
-            if not evs:
-                continue
-            if [e["version"] for e in evs] == list(range(version + 1, version + 1 + len(evs))):
-                for e in evs:
-                    state = domain.apply(self.tenant, state, e)
-            else:  # out of order: rebuild from the timeline, as far as it is gapless
-                state = None
-                for r in await conn.fetch("SELECT version, payload FROM timeline WHERE case_id = $1 "
-                                          "ORDER BY version", cid):
-                    if r["version"] != (state["version"] if state else 0) + 1:
-                        break
-                    state = domain.apply(self.tenant, state, orjson.loads(r["payload"]))
-                if state is None or state["version"] <= version:
-                    continue
-            new_states.append(state)
+    async def _store_cases(self, conn, records: list[SinkRecord]) -> None:
+        async def load(ids: list[str]) -> dict[str, dict]:
+            return {r["case_id"]: orjson.loads(r["state"]) for r in await conn.fetch(
+                "SELECT case_id, state FROM case_states WHERE case_id = ANY($1::text[])", ids)}
+
+        async def from_timeline(gaps) -> None:
+            # out of order: the events in between are in the timeline (this batch's too, inserted above),
+            # as far as they have arrived
+            for case in gaps:
+                case.add(orjson.loads(r["payload"]) for r in await conn.fetch(
+                    "SELECT payload FROM timeline WHERE case_id = $1 AND version > $2 ORDER BY version",
+                    case.case_id, case.stored_version))
+
+        new_states = [f.state for f in await self.fold_batch(records, load, from_timeline) if f.changed]
         if not new_states:
             return
         await conn.executemany(_UPSERT, [case_row(s) for s in new_states])

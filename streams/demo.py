@@ -71,36 +71,10 @@ def expected_outputs(tenant, lines: list[bytes], oncall=None, now_ms: int | None
 
 
 def _describe(e: dict) -> str:
-    t = e["type"]
-    if t == "CaseCreated":
-        return f"{e['status']}: {e.get('summary') or ''} [{e.get('severity') or '-'}]"
-    if t == "AlertDeduplicated":
-        return f"occurrence #{e['occurrence_count']}"
-    if t == "StatusChanged":
-        return f"{e['from_status']} -> {e['to_status']} ({e['reason']})"
-    if t == "Assigned":
-        return f"assignee {((e.get('assignee') or {}).get('name') or (e.get('assignee') or {}).get('id'))}"
-    if t == "CommentAdded":
-        return repr(e["text"][:60])
-    if t == "PriorityChanged":
-        return f"{e.get('from_priority') or '-'} -> {e['to_priority']}"
-    if t == "EscalationStepStarted":
-        return (f"policy {e['escalation_policy_id']} step {e['step_index'] + 1}"
-                f"{' (retry ' + str(e['escalation_policy_retry_count']) + ')' if e['escalation_policy_retry_count'] else ''}"
-                f", urgency {e.get('urgency') or '-'}{', shadow' if e['is_shadow'] else ''}")
-    if t == "RespondersAdded":
-        return "responders " + ", ".join(r["id"] for r in e["responders"])
-    if t == "NotificationRequested":
-        return f"notify {e['user_id']}{' (shadow)' if e['is_shadow'] else ''}"
-    if t == "EscalationEnded":
-        return f"policy {e['escalation_policy_id']}: {e['reason']}"
-    if t == "AcknowledgeTimedOut":
-        return f"acknowledged {e['timeout_seconds']} s ago, not resolved"
-    if t == "SlaBreached":
-        return f"{e['sla']} SLA of {e['priority']}"
-    if t == "AutomationApplied":
-        return f"rule {e['rule_id']}: {', '.join(e['actions'])}"
-    return ""
+    """What a domain event changed, in one line (the registry's ``describe``)."""
+    from streams.domain.event_types import describe
+
+    return describe(e)
 
 
 async def _collect(settings: Settings, start: dict, want: int, deadline: float) -> list:

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import orjson
 
+from streams.domain.case_schema import STORED_STATE
+
 FILTERS = ("status", "severity", "priority", "source", "project", "tag", "urgency", "assignee_id")
 _FIELD_OF = {"tag": "tags"}
 FACETS = ("status", "severity", "priority", "source", "project", "tags", "urgency", "assignee_id")
@@ -130,6 +132,7 @@ def build_search(params: Mapping[str, list[str]]) -> Search:
         "query": {"bool": {"must": must or [{"match_all": {}}], "filter": filters}},
         "sort": [{field: {"order": "desc" if desc else "asc", "missing": "_last"}}, {"case_id": "asc"}],
         "track_total_hits": True,
+        "_source": {"excludes": [STORED_STATE]},   # the case state the index keeps to fold onto: not a result
     }
     cursor = _one(params, "cursor")
     if cursor:

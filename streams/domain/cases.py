@@ -26,6 +26,7 @@ from typing import Callable
 import orjson
 
 from streams.config import Tenant
+from streams.domain import case_schema, event_types
 from streams.domain.intake import (
     INVALID_TRANSITION, NO_OPEN_CASE, UNKNOWN_CASE, Intake, Rejection, derive_id, make_case_id,
 )
@@ -38,34 +39,10 @@ RECENT_LIMIT = 64       # of those, how many keep their outputs for re-sending
 RECENT_BYTES = 2 * 1024 * 1024
 MAX_CASES_PER_KEY = 50  # cases of a key kept in stream state (oldest closed ones go first)
 
-EVENT_TYPES = ("CaseCreated", "AlertDeduplicated", "StatusChanged", "Assigned", "CommentAdded", "PriorityChanged",
-               # on-call paging and automation (streams/domain/oncall.py)
-               "EscalationStepStarted", "RespondersAdded", "NotificationRequested", "EscalationEnded",
-               "AcknowledgeTimedOut", "SlaBreached", "AutomationApplied",
-               # notification delivery outcomes (agents/notify.py)
-               "NotificationDelivered", "NotificationFailed", "EndpointDisabled")
-
-# The page's on-call properties (the seed's OnCallProperties), folded from
-# the escalation events; a case without a policy keeps the defaults.
-ONCALL_DEFAULTS = {
-    "escalation_policy_id": None, "escalation_policy_step_id": None, "escalation_policy_retry_count": 0,
-    "escalation_active": False, "is_shadow": False, "targets": [], "responder_users": [], "responders": [],
-    "responders_added_at": None, "time_to_first_acknowledge": None, "sla_breaches": [],
-}
-
-CASE_FIELDS = ("summary", "source", "severity", "component", "group", "class", "custom_details",
-               "links", "project", "priority", "tags", "urgency")
-
-# What stream state keeps of a case: what decisions need, never payloads
-# (custom_details can be 512 KiB; the summary, ≤ 1 KiB, is kept for
-# notifications). The full case is the projections' job.
-STATE_FIELDS = ("case_id", "tenant", "dedup_key", "status", "case_type", "work_type", "severity", "summary",
-                "priority", "urgency", "source", "project", "component", "group", "class", "tags",
-                "created_at", "last_seen_at", "status_changed_at", "acknowledged_at", "resolved_at",
-                "occurrence_count", "assignee", "comment_count", "version", "updated_at",
-                # on-call properties decisions read (responder names stay out of stream state)
-                "escalation_policy_id", "escalation_policy_step_id", "escalation_policy_retry_count",
-                "escalation_active", "is_shadow", "responder_users", "sla_breaches")
+# the event types (streams/domain/event_types.py) and the case fields (streams/domain/case_schema.py)
+EVENT_TYPES = event_types.NAMES
+STATE_FIELDS = case_schema.STATE_FIELDS
+ONCALL_DEFAULTS = case_schema.ONCALL_DEFAULTS
 
 
 @dataclass
@@ -269,7 +246,7 @@ def _decide_alert(tenant: Tenant, intake: Intake, entry: dict | None) -> Decisio
         case_id = make_case_id(tenant, intake.dedup_key, seq)
         b.emit("CaseCreated", case_id, status=tenant.default_status,
                case_type=tenant.case_type, work_type=tenant.work_type,
-               **{f: intake.fields[f] for f in CASE_FIELDS})
+               **{f: intake.fields[f] for f in case_schema.INTAKE_FIELDS})
         b.entry.update(seq=seq, open_case_id=case_id, last_case_id=case_id)
         _evict(b.entry)
         return b.decision(created=[case_id])
@@ -345,70 +322,24 @@ def _decide_command(tenant: Tenant, intake: Intake, entry: dict | None) -> Decis
 def apply(tenant: Tenant, case: dict | None, event: dict) -> dict:
     """The case after ``event``. ``case`` is None before ``CaseCreated``."""
     t = event["type"]
-    at = event["occurred_at"]
-    if t == "CaseCreated":
+    if t == event_types.CREATED:
         if case is not None:
             raise ValueError(f"CaseCreated for existing case {event['case_id']}")
-        new = {
-            "case_id": event["case_id"], "tenant": event["tenant"], "dedup_key": event["dedup_key"],
-            "status": event["status"], "case_type": event["case_type"], "work_type": event["work_type"],
-            **{f: event.get(f) for f in CASE_FIELDS},
-            "created_at": at, "last_seen_at": at, "status_changed_at": at,
-            "acknowledged_at": None, "resolved_at": None,
-            "occurrence_count": 1, "assignee": None, "comment_count": 0,
-            **{k: (list(v) if isinstance(v, list) else v) for k, v in ONCALL_DEFAULTS.items()},
-        }
+        new = case_schema.new_case(event)
     else:
         if case is None:
             raise ValueError(f"{t} before CaseCreated for {event['case_id']}")
         if event["version"] != case["version"] + 1:
             raise ValueError(f"{t} version {event['version']} does not follow {case['version']} "
                              f"for {event['case_id']}")
-        new = dict(case)
-        if t == "AlertDeduplicated":
-            new["occurrence_count"] = event["occurrence_count"]
-            new["last_seen_at"] = event["last_seen_at"]
-        elif t == "StatusChanged":
-            new["status"] = event["to_status"]
-            new["status_changed_at"] = at
-            if event["to_status"] == tenant.actions["acknowledge"] and new.get("acknowledged_at") is None:
-                new["acknowledged_at"] = at
-                new["time_to_first_acknowledge"] = at - case["created_at"]  # ms
-            if event["to_status"] == tenant.final_status:
-                new["resolved_at"] = at
-            elif event["from_status"] == tenant.final_status:
-                new["resolved_at"] = None  # reopened
-        elif t == "Assigned":
-            new["assignee"] = event["assignee"]
-        elif t == "CommentAdded":
-            new["comment_count"] = case["comment_count"] + 1
-        elif t == "PriorityChanged":
-            new["priority"] = event["to_priority"]
-        elif t == "EscalationStepStarted":
-            new.update(escalation_policy_id=event["escalation_policy_id"],
-                       escalation_policy_step_id=event["escalation_policy_step_id"],
-                       escalation_policy_retry_count=event["escalation_policy_retry_count"],
-                       urgency=event["urgency"] or case.get("urgency"), is_shadow=event["is_shadow"],
-                       targets=[dict(t) for t in event["targets"]], escalation_active=True)
-        elif t == "RespondersAdded":
-            ids = list(case.get("responder_users") or [])
-            people = [dict(p) for p in case.get("responders") or []]
-            for person in event["responders"]:
-                if person["id"] not in ids:
-                    ids.append(person["id"])
-                    people.append(dict(person))
-            new.update(responder_users=ids, responders=people, responders_added_at=at)
-        elif t == "EscalationEnded":
-            new["escalation_active"] = False
-        elif t == "SlaBreached":
-            new["sla_breaches"] = list(case.get("sla_breaches") or []) + [event["sla"]]
-        elif t in ("NotificationRequested", "AcknowledgeTimedOut", "AutomationApplied", "NotificationDelivered",
-                   "NotificationFailed", "EndpointDisabled"):
-            pass  # recorded in the timeline; no case field changes
-        else:
+        kind = event_types.BY_NAME.get(t)
+        if kind is None:
             raise ValueError(f"unknown event type {t!r}")
+        new = dict(case)
+        if kind.changes is not None:  # else recorded in the timeline; no case field changes
+            new.update(kind.changes(tenant, case, event))
     new["version"] = event["version"]
-    new["updated_at"] = at
+    new["updated_at"] = event["occurred_at"]
     return new
 
 

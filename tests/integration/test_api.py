@@ -93,6 +93,7 @@ def test_search_filters_facets_and_full_text(api, seeded):
     assert facets["status"] == {"RESOLVED": 3, "ACKNOWLEDGED": 1, "TRIGGERED": 1}
     _, crit = get(api, "/v1/on-call/cases", tag=tag, severity="critical")
     assert crit["total"] == 2 and {c["severity"] for c in crit["cases"]} == {"critical"}
+    assert all("state" not in c for c in r["cases"] + crit["cases"])  # the document's stored state is left out
     _, text = get(api, "/v1/on-call/cases", tag=tag, q="host-3")
     assert [c["dedup_key"] for c in text["cases"]] == [f"{seeded['run']}/d"]
     _, both = get(api, "/v1/on-call/cases", tag=tag, status="TRIGGERED,ACKNOWLEDGED")

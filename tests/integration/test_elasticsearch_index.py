@@ -11,7 +11,7 @@ import pytest
 from schemas import decode, encode
 from sinks.base import SinkRecord
 from sinks import build_sinks
-from sinks.elasticsearch import MAPPING, ElasticsearchSink, document, index_name
+from sinks.elasticsearch import MAPPING, STORED_STATE, ElasticsearchSink, document, index_name
 from streams.config import get_tenant
 from streams.domain.cases import replay
 from streams.settings import load_settings
@@ -214,7 +214,9 @@ from helpers import ALICE, BOB, World, emit, oncall_scenario  # noqa: E402
 ONCALL_FIELDS = ("escalation_policy_id", "escalation_policy_step_id", "escalation_policy_retry_count",
                  "escalation_active", "is_shadow", "targets", "responder_users", "responders_added_at",
                  "time_to_first_acknowledge", "sla_breaches")
-OLD_MAPPING = dict(MAPPING, properties={k: v for k, v in MAPPING["properties"].items() if k not in ONCALL_FIELDS})
+# before the on-call fields, and before documents stored their case state
+OLD_MAPPING = dict(MAPPING, properties={k: v for k, v in MAPPING["properties"].items()
+                                        if k not in ONCALL_FIELDS and k != STORED_STATE})
 
 
 def _wire(events: list[dict]) -> list[dict]:
@@ -245,13 +247,13 @@ def test_oncall_properties_are_indexed_by_id_only(stack, run_id):
     page = [e for e in events if e["case_id"] == page_id]
     index = f"{stack.index_prefix}oncall-{run_id}"
     try:
-        # the second batch folds onto the indexed document (state_from_document), not onto memory
+        # the second batch folds onto the state the indexed document stores (STORED_STATE), not onto memory
         skipped = _drive(stack.elasticsearch, index, tenant,
                          [page[:4], page[4:] + [e for e in events if e["case_id"] == low_id]])
         assert skipped == 0
         src = stack.es("GET", f"/{index}/_doc/{page_id}")["_source"]
         assert src == document(replay(tenant, page))  # as if folded in one go
-        assert src["version"] == len(page)
+        assert src["version"] == len(page) == src[STORED_STATE]["version"]
         assert src["responder_users"] == ["u-alice", "u-carol", "u-bob"]
         assert src["targets"] == ["user:u-alice", "schedule:sch-primary", "team:team-db"]
         assert (src["escalation_policy_id"], src["escalation_policy_step_id"], src["escalation_active"],
@@ -289,8 +291,9 @@ def test_index_with_the_old_mapping_gets_the_new_fields_on_open(stack, run_id):
         assert stack.es("PUT", f"/{concrete}", {"mappings": OLD_MAPPING}).get("acknowledged")
         assert stack.es("POST", "/_aliases", {"actions": [{"add": {"index": concrete, "alias": alias}}]}
                         ).get("acknowledged")
-        # a case indexed by the old code: version 1, no on-call fields
-        old_doc = {k: v for k, v in document(replay(tenant, page[:1])).items() if k not in ONCALL_FIELDS}
+        # a case indexed by the old code: version 1, no on-call fields, no stored state (read from its fields)
+        old_doc = {k: v for k, v in document(replay(tenant, page[:1])).items()
+                   if k not in ONCALL_FIELDS and k != STORED_STATE}
         put = stack.es("PUT", f"/{alias}/_doc/{page_id}?version=1&version_type=external", old_doc)
         assert put.get("result") == "created", put
         # the old mapping is strict: today's documents are rejected ...
@@ -303,6 +306,7 @@ def test_index_with_the_old_mapping_gets_the_new_fields_on_open(stack, run_id):
         assert mapping["dynamic"] == "strict"
         assert {f: mapping["properties"][f] for f in ONCALL_FIELDS} == {f: MAPPING["properties"][f]
                                                                        for f in ONCALL_FIELDS}
+        assert mapping["properties"][STORED_STATE]["enabled"] is False   # added too: kept, never searchable
         src = stack.es("GET", f"/{alias}/_doc/{page_id}")["_source"]
         assert src == document(replay(tenant, page))
         assert src["responder_users"] == ["u-alice", "u-carol", "u-bob"] and "Alice Doe" not in str(src)

@@ -10,7 +10,8 @@ import pytest
 
 from helpers import ALICE, BOB, CAROL, OC, TENANTS, World, emit, oncall_scenario
 from sinks.elasticsearch import MAPPING, document, state_from_document
-from sinks.postgres import _CASE_COLUMNS, case_row, migrations
+from sinks.postgres import CASE_COLUMNS, case_row, migrations
+from streams.domain import case_schema
 from streams.domain.cases import ONCALL_DEFAULTS, apply, replay
 
 SECRETS = ("Alice Doe", "alice@example.com", "Bob Roe", "bob@example.com")
@@ -116,7 +117,7 @@ def test_state_from_a_document_indexed_before_the_oncall_fields():
 
 
 def _row(case: dict) -> dict:
-    return dict(zip(_CASE_COLUMNS, case_row(case)))
+    return dict(zip(CASE_COLUMNS, case_row(case)))
 
 
 def test_case_row_has_the_oncall_columns_with_full_responders(page):
@@ -148,5 +149,5 @@ def test_oncall_migration_is_a_new_version():
     found = migrations()
     assert [(v, name) for v, name, _ in found][:2] == [(1, "0001_projection.sql"), (2, "0002_oncall.sql")]
     sql = dict((name, text) for _, name, text in found)["0002_oncall.sql"]
-    for col in _CASE_COLUMNS[_CASE_COLUMNS.index("escalation_policy_id"):]:
+    for col in (f.column_name for f in case_schema.FIELDS if f.postgres and f.oncall):
         assert f"ADD COLUMN {col} " in sql, col

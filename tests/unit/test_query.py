@@ -31,6 +31,7 @@ def test_defaults():
     s = build_search({})
     assert s.body["query"]["bool"]["must"] == [{"match_all": {}}]
     assert s.body["sort"][0] == {"created_at": {"order": "desc", "missing": "_last"}} and s.size == 20
+    assert s.body["_source"] == {"excludes": ["state"]}  # the stored case state is not a search result
 
 
 @pytest.mark.parametrize("params, param", [

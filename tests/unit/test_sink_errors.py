@@ -72,7 +72,7 @@ def test_postgres_sink_retries_a_shutdown_mid_write():
         if len(calls) == 1:
             raise asyncpg.AdminShutdownError("terminating connection due to administrator command")
 
-    sink._write = write
+    sink.write_once = write
     assert asyncio.run(sink.write_batch([SinkRecord("t", 0, 0, {})])) == []
     assert len(calls) == 2 and len(sleeps.calls) == 1
 
@@ -263,3 +263,44 @@ def test_a_gap_the_log_cannot_fill_leaves_the_document_and_says_so():
     sink, sleeps = _sink(client, History([{}]))
     assert asyncio.run(sink.write_batch([SinkRecord("t", 0, 5, events[2])])) == []
     assert client.bulks == [] and sink.skipped == 1 and sleeps.calls == []
+
+
+class StoringClient(Client):
+    """``bulk`` stores the documents (external versioning), ``mget`` answers them."""
+
+    def __init__(self):
+        super().__init__([])
+        self.docs: dict[str, dict] = {}
+
+    async def mget(self, index, ids):
+        return Response({"docs": [{"_id": i, "found": True, "_source": orjson.loads(orjson.dumps(self.docs[i]))}
+                                  if i in self.docs else {"_id": i, "found": False} for i in ids]})
+
+    async def bulk(self, operations, refresh):
+        self.bulks.append(operations)
+        for op, doc in zip(operations[0::2], operations[1::2]):
+            if doc["version"] > self.docs.get(op["index"]["_id"], {}).get("version", 0):
+                self.docs[op["index"]["_id"]] = doc
+        return Response({"errors": False, "items": []})
+
+
+def test_a_batch_folds_onto_the_state_its_document_stores(monkeypatch):
+    import sinks.elasticsearch as es
+    from helpers import OC, oncall_scenario
+    from streams.domain.cases import replay
+
+    w = World(OC)
+    events = oncall_scenario(w)
+    page = [e for e in events if e["case_id"] == events[0]["case_id"]]
+    client = StoringClient()
+    sink, _ = _sink(client)
+    sink.tenant = OC
+    records = [SinkRecord("t", 0, i, e) for i, e in enumerate(page)]
+    assert asyncio.run(sink.write_batch(records[:3])) == []
+
+    def not_from_fields(doc):
+        raise AssertionError("folded from the document's fields, not from its stored state")
+
+    monkeypatch.setattr(es, "state_from_document", not_from_fields)
+    assert asyncio.run(sink.write_batch(records[2:])) == []   # a redelivered event, then the rest
+    assert client.docs[page[0]["case_id"]] == es.document(replay(OC, page)) and sink.skipped == 0
