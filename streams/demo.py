@@ -20,11 +20,14 @@ from pathlib import Path
 
 import orjson
 
-from streams.kafka import end_offsets, stop_consumer
+from streams import kafka
 from streams.config import PROJECT_ROOT, get_tenant, load_tenants, load_topics
+from streams.console import CliError, print_table
+from streams.domain.event_types import describe
 from streams.domain.intake import Rejection, parse
 from sinks.elasticsearch import index_name
 from streams.app import oncall_path_for
+from streams.messages import decode_record, send_lines
 from streams.oncall_config import load_oncall
 from streams.settings import Settings
 from streams.stage.memory import MemoryStage
@@ -70,24 +73,10 @@ def expected_outputs(tenant, lines: list[bytes], oncall=None, now_ms: int | None
     return n_events, n_dlq
 
 
-def _describe(e: dict) -> str:
-    """What a domain event changed, in one line (the registry's ``describe``)."""
-    from streams.domain.event_types import describe
-
-    return describe(e)
-
-
 async def _collect(settings: Settings, start: dict, want: int, deadline: float) -> list:
     """Read the output topics from ``start`` offsets until ``want`` records or the deadline."""
-    from aiokafka import AIOKafkaConsumer
-
-    from streams.cli import decode_record
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                enable_auto_commit=False, group_id=None)
-    await consumer.start()
     got = []
-    try:
+    async with kafka.started_consumer(settings.kafka_bootstrap_servers) as consumer:
         consumer.assign(list(start))
         for tp, off in start.items():
             consumer.seek(tp, off)
@@ -97,8 +86,6 @@ async def _collect(settings: Settings, start: dict, want: int, deadline: float) 
                 kind = "dlq" if tp.topic.endswith(".dlq") else "domain-events"
                 tenant = tp.topic.rsplit(".", 1)[0]
                 got.extend((f"{tenant} {kind}", decode_record(rec, kind)) for rec in recs)
-    finally:
-        await stop_consumer(consumer)
     return got
 
 
@@ -193,9 +180,7 @@ async def _wait_indexed(settings: Settings, got: list, deadline: float) -> dict[
 
 
 def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) -> int:
-    from streams.cli import CliError, print_table, send_lines
     from streams.engines import EngineError, Engines, choose_profile
-    from streams.kafka import create_topics
     from streams.settings import load_settings
 
     say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
@@ -214,7 +199,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
     tenants = sorted(load_tenants(settings.tenants_file))
     families = {t: load_topics(t, settings.topics_file) for t in tenants}
     say("2/5 topics ...")
-    results = asyncio.run(create_topics(settings.kafka_bootstrap_servers, list(families.values())))
+    results = asyncio.run(kafka.create_topics(settings.kafka_bootstrap_servers, list(families.values())))
     fresh = {r.name for r in results if r.created}
     for t, fam in families.items():
         if fam.name("intake") in fresh:
@@ -239,7 +224,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
         run = f"demo-{int(time.time())}"
         want = 0
         outputs = [families[t].name(r) for t in tenants for r in ("domain-events", "dlq")]
-        start = asyncio.run(end_offsets(settings.kafka_bootstrap_servers, outputs))
+        start = asyncio.run(kafka.end_offsets(settings.kafka_bootstrap_servers, outputs))
         say(f"4/5 demo feeds (run {run}) ...")
         for t in tenants:
             feed = DEMO_DIR / f"{t}.jsonl"
@@ -261,7 +246,7 @@ def run_demo(settings: Settings, follow: bool = False, as_json: bool = False) ->
                              "change": d["detail"][:70]})
             else:
                 rows.append({"tenant": tenant, "case": d["case_id"], "v": d["version"], "event": d["type"],
-                             "change": _describe(d)})
+                             "change": describe(d)})
         rows.sort(key=lambda r: (r["tenant"], r["case"], str(r["v"]).zfill(4)))
         if as_json:
             sys.stdout.write(orjson.dumps([d for _, d in got]).decode() + "\n")

@@ -39,7 +39,7 @@ from typing import Callable
 import orjson
 from aiohttp import web
 
-from streams import metrics
+from streams import kafka, metrics
 from streams.config import load_tenants, load_topics
 from streams.domain.auth import AddressLimiter, RateLimiter, SeenSignatures, key_tenant, signature_key, verify_signature
 from streams.domain.intake import (
@@ -72,13 +72,10 @@ class Publisher:
         self._lock = asyncio.Lock()
 
     async def _get(self):
-        from aiokafka import AIOKafkaProducer
-
         async with self._lock:
             if self._producer is None:
-                p = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2,
-                                     request_timeout_ms=int(self.timeout * 1000),
-                                     max_request_size=MAX_BODY * 2 + 64 * 1024)
+                p = kafka.producer(self.bootstrap, linger_ms=2, request_timeout_ms=int(self.timeout * 1000),
+                                   max_request_size=MAX_BODY * 2 + 64 * 1024)  # acks=all
                 try:
                     await asyncio.wait_for(p.start(), self.timeout)
                 except Exception as exc:

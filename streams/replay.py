@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from streams.kafka import end_offsets, stop_consumer
 import schemas
 from sinks.base import SinkRecord
+from streams import kafka
 from streams.config import Tenant, load_topics
 from streams.settings import Settings
 
@@ -67,40 +67,13 @@ async def read_log(bootstrap: str, topic: str, start: dict | None, end: dict,
                     on_batch: Callable[[list[SinkRecord]], "asyncio.Future"], batch_size: int = 1000) -> int:
     """Feed records of every partition from ``start`` (None: the beginning) up to ``end`` (exclusive),
     decoded, to ``on_batch`` (also how the Elasticsearch sink reads a case's missing events back)."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                max_partition_fetch_bytes=4 * 1024 * 1024)
-    await consumer.start()
     n = 0
-    try:
-        tps = [tp for tp in end if end[tp] > ((start or {}).get(tp, 0))]
-        if not tps:
-            return 0
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, (start or {}).get(tp, 0))
-        remaining = set(tps)
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=batch_size)
-            records = []
-            for tp, recs in batch.items():
-                for rec in recs:
-                    if rec.offset >= end[tp]:
-                        remaining.discard(tp)
-                        break
-                    records.append(SinkRecord(tp.topic, tp.partition, rec.offset, schemas.decode(rec.value)))
-                    if rec.offset + 1 >= end[tp]:
-                        remaining.discard(tp)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-            if records:
-                await on_batch(records)
-                n += len(records)
-        return n
-    finally:
-        await stop_consumer(consumer)
+    async with kafka.started_consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024) as consumer:
+        async for records in kafka.read_range(consumer, start or {}, end, timeout_ms=1000, max_records=batch_size):
+            await on_batch([SinkRecord(rec.topic, rec.partition, rec.offset, schemas.decode(rec.value))
+                            for rec in records])
+            n += len(records)
+    return n
 
 
 async def replay(settings: Settings, tenant: Tenant, sinks: list[str], *, rebuild: bool,
@@ -109,7 +82,7 @@ async def replay(settings: Settings, tenant: Tenant, sinks: list[str], *, rebuil
     results = []
     for name in sinks:
         started = time.monotonic()
-        end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
+        end = await kafka.end_offsets(settings.kafka_bootstrap_servers, [topic])
         total = sum(end.values())
         bar = Progress(f"{name} {tenant.name}", total, progress)
         if name == "elasticsearch":
@@ -160,7 +133,7 @@ async def _replay_elasticsearch(settings, tenant, topic, end, rebuild, bar) -> R
         result.target = f"{alias} -> {concrete}"
         result.notes.append(f"replaced {', '.join(old) or 'nothing'}")
         # what arrived while rebuilding went to the old index: re-apply it to the new one
-        now_end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
+        now_end = await kafka.end_offsets(settings.kafka_bootstrap_servers, [topic])
         result.caught_up = await _fill(settings, ElasticsearchSink(settings.elasticsearch_url, alias, tenant, history,
                                                                    create=False), topic, end, now_end, None)
         return result
@@ -183,7 +156,7 @@ async def _replay_postgres(settings, tenant, topic, end, rebuild, bar) -> Replay
         result.notes.append("truncated")
     result.events = await _fill(settings, PostgresSink(settings.postgres_dsn, db, tenant, track_positions=False),
                                 topic, None, end, bar)
-    now_end = await end_offsets(settings.kafka_bootstrap_servers, [topic])
+    now_end = await kafka.end_offsets(settings.kafka_bootstrap_servers, [topic])
     result.caught_up = await _fill(settings, PostgresSink(settings.postgres_dsn, db, tenant, track_positions=False),
                                    topic, end, now_end, None)
     return result

@@ -248,7 +248,7 @@ class Stack:
                     timestamp_ms: int | None = None) -> list[str]:
         from aiokafka import AIOKafkaProducer
 
-        from streams.cli import message_key
+        from streams.messages import message_key
         from streams.domain.intake import record_event_id
 
         t = get_tenant(tenant)

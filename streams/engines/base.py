@@ -84,11 +84,11 @@ def base_env() -> dict[str, str]:
 
 def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
     """True when a broker answers a metadata request (an open port is not enough)."""
-    from aiokafka.client import AIOKafkaClient
+    from streams import kafka
 
     async def probe() -> bool:
-        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
-                                connections_max_idle_ms=int(timeout * 1000))
+        client = kafka.client(bootstrap, request_timeout_ms=int(timeout * 1000),
+                              connections_max_idle_ms=int(timeout * 1000))
         try:
             await asyncio.wait_for(client.bootstrap(), timeout)
             return bool(client.cluster.brokers())

@@ -10,7 +10,8 @@ import pytest
 
 from agents.intake import dead_letter, route_message
 from streams import dlq
-from streams.cli import build_parser, message_key
+from streams.cli import build_parser
+from streams.messages import message_key
 from streams.config import load_topics
 from streams.domain.intake import (
     EVENT_ID_HEADER, RECORD_ID_PENDING, Intake, Rejection, derive_id, intake_partition_key, parse,
