@@ -395,8 +395,8 @@ class Projections:
         return asyncio.run(run())
 
     def _docs(self, ids: list[str], chunk: int = 2000) -> dict[str, dict]:
-        """The documents of ``ids``, ``chunk`` at a time (the soak's 50 000 cases in one _mget ran
-        Elasticsearch's 512 MiB heap out: it exited, and the check with it)."""
+        """The documents of ``ids``, ``chunk`` at a time (Elasticsearch, with its 512 MiB test heap,
+        stopped answering while the 1M soak polled all its 50 000 cases in one _mget)."""
         out: dict[str, dict] = {}
         for i in range(0, len(ids), chunk):
             docs = self.stack.es("POST", f"/{self.index}/_mget", {"ids": ids[i:i + chunk]}).get("docs", [])
