@@ -20,7 +20,7 @@ sends it, retries it, and reports its outcome back through ``T.timers``;
 from __future__ import annotations
 
 from streams.config import Tenant
-from streams.domain.cases import Decision, _Builder, already_seen, fold_each
+from streams.domain.case_state import Builder, Decision, already_seen, fold_each
 from streams.domain.delivery import delivery_id
 from streams.domain.intake import Intake, derive_id
 from streams.domain.oncall import SYSTEM_ACTOR, matches
@@ -88,7 +88,7 @@ def decide_outcome(tenant: Tenant, outcome: dict, entry: dict | None) -> Decisio
     case = (entry or {}).get("cases", {}).get(outcome["case_id"])
     if case is None:
         return Decision(noop=True)  # the case is no longer in stream state (evicted): nothing to record on
-    b = _Builder(tenant, intake, entry, case)
+    b = Builder(tenant, intake, entry, case)
     if outcome["outcome"] == "disabled":  # recorded on the case whose delivery tipped it
         b.emit("EndpointDisabled", outcome["case_id"], actor=SYSTEM_ACTOR, endpoint=outcome["endpoint"],
                channel=outcome["channel"], consecutive_failures=outcome["consecutive_failures"],

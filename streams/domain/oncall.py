@@ -37,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 
 from streams.config import Tenant
 from streams.domain import escalation as esc
-from streams.domain.cases import Decision, _Builder, already_seen
+from streams.domain.case_state import Builder, Decision, already_seen
 from streams.domain.intake import Intake, derive_id
 
 TIMER_KINDS = ("escalation", "ack_timeout", "sla")
@@ -102,7 +102,7 @@ def _automation_actor(rule) -> dict:
 class _Engine:
     """Reactions on one case of one entry, emitting through the case builder."""
 
-    def __init__(self, tenant: Tenant, cfg, b: _Builder, case_id: str, now: int, actor: dict):
+    def __init__(self, tenant: Tenant, cfg, b: Builder, case_id: str, now: int, actor: dict):
         self.tenant, self.cfg, self.b, self.cid, self.now, self.actor = tenant, cfg, b, case_id, now, actor
         oncall = dict(b.entry.get("oncall") or {})
         oc = oncall.get(case_id) or new_case_oncall()
@@ -353,7 +353,7 @@ class _Engine:
 def follow_up(tenant: Tenant, cfg, intake: Intake, d: Decision) -> Decision:
     """``d`` (the case change ``intake`` asked for) plus everything that follows from it."""
     cid = d.events[0]["case_id"]
-    b = _Builder(tenant, intake, d.entry, d.entry["cases"][cid])
+    b = Builder(tenant, intake, d.entry, d.entry["cases"][cid])
     b.events = list(d.events)
     engine = _Engine(tenant, cfg, b, cid, intake.now, SYSTEM_ACTOR)
     for event in d.events:
@@ -382,7 +382,7 @@ def decide_timer(tenant: Tenant, cfg, timer: dict, entry: dict | None) -> Decisi
     if not is_pending(entry, timer):
         return Decision(noop=True)
     cid = timer["case_id"]
-    b = _Builder(tenant, intake, entry, entry["cases"][cid])
+    b = Builder(tenant, intake, entry, entry["cases"][cid])
     engine = _Engine(tenant, cfg, b, cid, timer["due_at"], SYSTEM_ACTOR)
     engine.cancel_timer(timer["kind"])
     if timer["kind"] == "escalation":

@@ -12,7 +12,7 @@ relay topic.
 from __future__ import annotations
 
 from streams.config import Tenant
-from streams.domain.cases import fold_each
+from streams.domain.case_state import fold_each
 from streams.domain.oncall import matches
 
 
