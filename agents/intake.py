@@ -47,17 +47,16 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 
 import orjson
 
 from streams import metrics, store
-from streams.app import Topology, _raw_topic
+from agents.topology import Topology, ensure_relay_topics, raw_topic, track_topics, write_in_context
 from streams.domain import cases as domain
 from streams.domain.intake import PROCESSING_ERROR, Rejection
 from streams.stage.apply import ApplyBatch, Step, Table, UnflushedOutputs
 from streams.stage.outputs import OutputKind
-# the route stage's pure functions, re-exported: agents/projections.py, agents/notify.py and tests use them
+# the route stage's pure functions, re-exported for tests that exercise the agent's functions by name
 from streams.stage.route import (  # noqa: F401
     DLQ, MAX_ORIGINAL, ROUTED, dead_letter, header_identity, header_value, kept_original, record_identity,
     route_message,
@@ -67,70 +66,6 @@ log = logging.getLogger("casestream.intake")
 
 APPLY_BATCH = 500      # routed messages per apply batch
 APPLY_WITHIN = 0.02    # seconds to wait for a batch to fill
-
-
-def write_in_context(table, event, key: str, value: bytes | None) -> None:
-    """``table[key] = value`` (``del table[key]`` for None) as if during ``event``'s iteration.
-
-    Faust writes a table key to the changelog partition of the current
-    event; a batch sets that context per key (the key's last event, which is
-    in the key's partition) instead of writing once per event.
-    """
-    from faust.streams import _current_event
-
-    token = _current_event.set(weakref.ref(event))
-    try:
-        if value is None:
-            del table[key]
-        else:
-            table[key] = value
-    finally:
-        _current_event.reset(token)
-
-
-def producer_topics(topo: Topology, subscriptions=()) -> list[str]:
-    """Every topic the worker writes to: its family's, its tables' changelogs, the relay topics."""
-    names = [spec.name for spec in topo.family.all_topics()]
-    names += [t.changelog_topic.get_topic_name() for t in topo.app.tables.values()]
-    return sorted(set(names) | {topo.family.relay(s).name for s in subscriptions})
-
-
-async def track_topics(topo: Topology, subscriptions=()) -> bool:
-    """The worker's producer keeps metadata for every topic it writes to (``streams.kafka.track_producer_topics``)."""
-    from streams.kafka import track_producer_topics
-
-    producer = getattr(topo.app.producer, "_producer", None)
-    try:
-        return await track_producer_topics(producer, producer_topics(topo, subscriptions))
-    except Exception as exc:  # tried again before the next new topic
-        log.warning("producer metadata for the worker's topics not updated yet: %r", exc)
-        return False
-
-
-async def ensure_relay_topics(topo: Topology) -> None:
-    """Create the relay topics of newly configured subscriptions; a
-    subscription relays from the moment its topic exists (no backfill: replay
-    the domain-event log for history). The producer tracks every topic the
-    worker writes to before the first send to a new one (``track_topics``)."""
-    wanted = {s.id for s in topo.oncall.current.subscriptions} if topo.oncall is not None else set()
-    if not topo.producer_tracked:
-        topo.producer_tracked = await track_topics(topo, topo.relay_ready)
-    missing = wanted - topo.relay_ready
-    if not missing or time.monotonic() < topo.relay_retry_at:
-        return
-    from streams.kafka import create_topics
-
-    try:
-        await create_topics(topo.bootstrap, [], extra=[topo.family.relay(s) for s in sorted(missing)])
-        if not await track_topics(topo, topo.relay_ready | missing):
-            raise RuntimeError("the producer does not track the new topics yet")
-    except Exception as exc:  # retried after a pause (those events are not relayed meanwhile)
-        topo.relay_retry_at = time.monotonic() + 10
-        log.warning("relay topics %s not created yet (retry in 10 s): %r", sorted(missing), exc)
-        return
-    topo.relay_ready |= missing
-    log.info("relay: subscriptions %s active (topics %s)", sorted(missing),
-             [topo.family.relay(s).name for s in sorted(missing)])
 
 
 def register(topo: Topology) -> None:
@@ -147,7 +82,7 @@ def register(topo: Topology) -> None:
 
     def relay_topic(sub_id: str):
         if sub_id not in relay_topics:
-            relay_topics[sub_id] = _raw_topic(app, topo.family.relay(sub_id).name)
+            relay_topics[sub_id] = raw_topic(app, topo.family.relay(sub_id).name)
         return relay_topics[sub_id]
 
     def send(step: Step) -> None:

@@ -46,9 +46,8 @@ import time
 
 import orjson
 
-from agents.intake import write_in_context
+from agents.topology import Topology, write_in_context
 from streams import metrics, outbound
-from streams.app import Topology
 from streams.domain import delivery as policy
 from streams.domain.intake import PROCESSING_ERROR, Rejection
 from streams.stage.deliver import DeadLetter, Deliverer, Put, Store, Topic, attempt_request, result_record

@@ -19,10 +19,10 @@ import time
 import orjson
 
 import schemas
-from agents.intake import dead_letter
+from agents.topology import Topology
+from streams.stage.route import dead_letter
 from sinks.base import Rejected, Sink, SinkRecord
 from streams import metrics
-from streams.app import Topology
 from streams.domain.intake import PROJECTION_REJECTED, Rejection
 
 log = logging.getLogger("casestream.projections")

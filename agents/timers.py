@@ -27,8 +27,7 @@ import time
 import orjson
 
 from streams import metrics
-from agents.intake import ensure_relay_topics
-from streams.app import Topology
+from agents.topology import Topology, ensure_relay_topics
 from streams.domain.intake import routing_token
 from streams.domain.oncall import TIMER_KINDS
 

@@ -8,42 +8,12 @@ be built side by side (tests, ``casestream topics create``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import faust
-
 from streams import store
 from streams.batching import QuietStream
 from streams.rebalance import App
-from streams.config import MAX_RECORD_BYTES, ConfigError, Tenant, TopicFamily, get_tenant, load_topics
+from agents.topology import Topology, raw_topic
+from streams.config import MAX_RECORD_BYTES, ConfigError, get_tenant, load_topics
 from streams.settings import Settings, default_instance_id
-
-
-@dataclass
-class Topology:
-    """Everything a tenant's agents need: config, Faust topics and tables."""
-
-    tenant: Tenant
-    family: TopicFamily
-    app: faust.App
-    intake: faust.TopicT
-    routed: faust.TopicT
-    domain_events: faust.TopicT
-    dlq: faust.TopicT
-    keys: faust.Table | None
-    case_keys: faust.Table | None
-    timers_topic: faust.TopicT | None = None
-    timers: faust.Table | None = None    # index of pending timers (timer id -> due time, case)
-    notifications_topic: faust.TopicT | None = None
-    deliveries: faust.Table | None = None  # delivery id -> request, attempts (pending ones only)
-    delivery_outcomes: faust.Table | None = None  # delivery id -> delivered / failed
-    oncall: object | None = None         # streams.oncall_config.ConfigWatcher
-    clock: object | None = None          # streams.clock: when timers are due
-    bootstrap: str = ""                  # Kafka, for the admin work agents do (relay topics)
-    relay_ready: set[str] = field(default_factory=set)  # subscriptions whose relay topic exists
-    relay_retry_at: float = 0.0          # monotonic time before which topic creation is not retried
-    producer_tracked: bool = False       # the producer tracks every topic the worker writes to (agents/intake.py)
-    busy_sinks: set[str] = field(default_factory=set)  # sinks inside write_batch (for the watchdog)
 
 
 ROLES = ("all", "intake", "projections")
@@ -65,11 +35,6 @@ def _reload_metric(tenant_name: str):
         metrics.CONFIG_RELOADS.labels(tenant_name, result).inc()
 
     return on_reload
-
-
-def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
-    return app.topic(name, key_type=bytes, value_type=bytes,
-                     key_serializer="raw", value_serializer="raw", internal=False)
 
 
 def create_app(settings: Settings, tenant_name: str | None = None, *,
@@ -124,10 +89,10 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         tenant=tenant,
         family=family,
         app=app,
-        intake=_raw_topic(app, family.name("intake")),
-        routed=_raw_topic(app, family.name("intake-routed")),
-        domain_events=_raw_topic(app, family.name("domain-events")),
-        dlq=_raw_topic(app, family.name("dlq")),
+        intake=raw_topic(app, family.name("intake")),
+        routed=raw_topic(app, family.name("intake-routed")),
+        domain_events=raw_topic(app, family.name("domain-events")),
+        dlq=raw_topic(app, family.name("dlq")),
         keys=app.VersionedTable("keys", default=None, key_type=bytes, value_type=bytes,
                                 options={"driver": "rocksdict"},
                                 help="dedup key -> its cases, open case, seen intake ids and their outputs "
@@ -136,11 +101,11 @@ def create_app(settings: Settings, tenant_name: str | None = None, *,
         case_keys=app.Table("case_keys", default=None, key_type=bytes, value_type=bytes,
                             options={"driver": "rocksdict"}, help="case id -> dedup key (write-once index)")
         if has_intake else None,
-        timers_topic=_raw_topic(app, family.name("timers")),
+        timers_topic=raw_topic(app, family.name("timers")),
         timers=app.Table("timers", default=None, key_type=bytes, value_type=bytes, options={"driver": "rocksdict"},
                          help="timer id -> due time and case (index of the pending timers)")
         if has_intake else None,
-        notifications_topic=_raw_topic(app, family.name("notifications")),
+        notifications_topic=raw_topic(app, family.name("notifications")),
         deliveries=app.Table("deliveries", default=None, key_type=bytes, value_type=bytes, options={"driver": "rocksdict"},
                              help="delivery id -> request, attempts and next attempt (pending ones)")
         if has_intake else None,
