@@ -4,7 +4,8 @@ The Elasticsearch sink folds each batch onto the case state its indexed
 document stores. When the document is behind the batch (a version gap: its
 document was refused earlier and dead-lettered, or a record never reached
 the sink), the events in between are read back from ``T.domain-events``,
-which keeps every event (``retention.ms: -1``). A case's events all sit in one partition (the log is
+which keeps every event (``retention.ms: -1``); :func:`read_log` reads a range of it (also what
+``streams/replay.py`` rebuilds projections from). A case's events all sit in one partition (the log is
 keyed by case id), in version order, below the offset of the batch's event:
 the read goes backwards from there in growing windows and stops at the
 first window that holds the event right after the indexed version, so a
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
+import schemas
 from sinks.base import SinkRecord
+from streams import kafka
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,19 @@ class CaseHistory(Protocol):
         ...
 
 
+async def read_log(bootstrap: str, topic: str, start: dict | None, end: dict,
+                    on_batch: Callable[[list[SinkRecord]], Awaitable], batch_size: int = 1000) -> int:
+    """Feed records of every partition from ``start`` (None: the beginning) up to ``end`` (exclusive),
+    decoded, to ``on_batch`` (also how the Elasticsearch sink reads a case's missing events back)."""
+    n = 0
+    async with kafka.started_consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024) as consumer:
+        async for records in kafka.read_range(consumer, start or {}, end, timeout_ms=1000, max_records=batch_size):
+            await on_batch([SinkRecord(rec.topic, rec.partition, rec.offset, schemas.decode(rec.value))
+                            for rec in records])
+            n += len(records)
+    return n
+
+
 class LogHistory:
     """``CaseHistory`` over the Kafka cluster at ``bootstrap`` (no consumer group: partitions assigned)."""
 
@@ -48,8 +64,6 @@ class LogHistory:
 
     async def missing(self, gaps: list[Gap]) -> dict[str, list[dict]]:
         from aiokafka import TopicPartition
-
-        from streams.replay import read_log
 
         found: dict[str, list[dict]] = defaultdict(list)
         by_partition: dict[tuple[str, int], dict[str, Gap]] = defaultdict(dict)

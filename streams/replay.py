@@ -18,14 +18,12 @@ Reading needs no consumer group: the replay assigns every partition itself.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
-import schemas
 from sinks.base import SinkRecord
+from sinks.history import read_log
 from streams import kafka
 from streams.config import Tenant, load_topics
 from streams.settings import Settings
@@ -61,19 +59,6 @@ class Progress:
             if self.done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-async def read_log(bootstrap: str, topic: str, start: dict | None, end: dict,
-                    on_batch: Callable[[list[SinkRecord]], "asyncio.Future"], batch_size: int = 1000) -> int:
-    """Feed records of every partition from ``start`` (None: the beginning) up to ``end`` (exclusive),
-    decoded, to ``on_batch`` (also how the Elasticsearch sink reads a case's missing events back)."""
-    n = 0
-    async with kafka.started_consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024) as consumer:
-        async for records in kafka.read_range(consumer, start or {}, end, timeout_ms=1000, max_records=batch_size):
-            await on_batch([SinkRecord(rec.topic, rec.partition, rec.offset, schemas.decode(rec.value))
-                            for rec in records])
-            n += len(records)
-    return n
 
 
 async def replay(settings: Settings, tenant: Tenant, sinks: list[str], *, rebuild: bool,
