@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------
 
 
-class _Node:
+class Node:
     """A YAML value together with the file and line it came from."""
 
     __slots__ = ("value", "path", "line", "key_lines")
@@ -53,10 +53,10 @@ class _Node:
         return ConfigError(f"{self.where()}: {msg}")
 
 
-def _wrap(node: yaml.Node, path: str) -> _Node:
+def _wrap(node: yaml.Node, path: str) -> Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        out: dict[str, _Node] = {}
+        out: dict[str, Node] = {}
         key_lines: dict[str, int] = {}
         for k, v in node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else yaml.safe_load(yaml.serialize(k))
@@ -64,17 +64,17 @@ def _wrap(node: yaml.Node, path: str) -> _Node:
                 raise ConfigError(f"{path}:{k.start_mark.line + 1}: duplicate key {key!r}; keep only one")
             out[str(key)] = _wrap(v, path)
             key_lines[str(key)] = k.start_mark.line + 1
-        return _Node(out, path, line, key_lines)
+        return Node(out, path, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
-        return _Node([_wrap(v, path) for v in node.value], path, line)
+        return Node([_wrap(v, path) for v in node.value], path, line)
     # scalar: let the safe constructor type it (int, bool, str, null)
     loader = yaml.SafeLoader("")
     value = loader.construct_object(node, deep=True)
     loader.dispose()
-    return _Node(value, path, line)
+    return Node(value, path, line)
 
 
-def compose_yaml(path: Path | str, text: str) -> _Node | None:
+def compose_yaml(path: Path | str, text: str) -> Node | None:
     """YAML text as a line-numbered node tree (None for an empty document);
     a syntax error names the file and line."""
     try:
@@ -89,7 +89,7 @@ def compose_yaml(path: Path | str, text: str) -> _Node | None:
     return None if root is None else _wrap(root, str(path))
 
 
-def _load_yaml(path: Path) -> _Node:
+def _load_yaml(path: Path) -> Node:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -100,38 +100,38 @@ def _load_yaml(path: Path) -> _Node:
     return root
 
 
-def _mapping(node: _Node, what: str) -> dict[str, _Node]:
+def _mapping(node: Node, what: str) -> dict[str, Node]:
     if not isinstance(node.value, dict):
         raise node.error(f"{what} must be a mapping (key: value lines)")
     return node.value
 
 
-def _req(m: dict[str, _Node], parent: _Node, key: str, what: str) -> _Node:
+def _req(m: dict[str, Node], parent: Node, key: str, what: str) -> Node:
     if key not in m:
         raise parent.error(f"{what}: missing required key '{key}'")
     return m[key]
 
 
-def _str(node: _Node, what: str) -> str:
+def _str(node: Node, what: str) -> str:
     if not isinstance(node.value, str) or not node.value.strip():
         raise node.error(f"{what} must be a non-empty string, got {node.value!r}")
     return node.value
 
 
-def _str_list(node: _Node, what: str) -> list[str]:
+def _str_list(node: Node, what: str) -> list[str]:
     if not isinstance(node.value, list):
         raise node.error(f"{what} must be a list, e.g. [A, B]")
     return [_str(v, f"{what} item") for v in node.value]
 
 
-def _int(node: _Node, what: str, lo: int, hi: int) -> int:
+def _int(node: Node, what: str, lo: int, hi: int) -> int:
     v = node.value
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise node.error(f"{what} must be an integer between {lo} and {hi}, got {v!r}")
     return v
 
 
-def _no_unknown(parent: _Node, allowed: set[str], what: str) -> None:
+def _no_unknown(parent: Node, allowed: set[str], what: str) -> None:
     for k in parent.value:
         if k not in allowed:
             raise parent.key_error(k, f"{what}: unknown key '{k}'; allowed keys are {', '.join(sorted(allowed))}")
@@ -169,7 +169,7 @@ _TENANT_KEYS = {
 }
 
 
-def _parse_tenant(name: str, node: _Node) -> Tenant:
+def _parse_tenant(name: str, node: Node) -> Tenant:
     what = f"tenant '{name}'"
     if not TENANT_NAME_RE.match(name):
         raise node.error(f"{what}: name must be lower-case letters, digits and '-' (it names topics and databases)")
@@ -180,7 +180,7 @@ def _parse_tenant(name: str, node: _Node) -> Tenant:
         raise m["statuses"].error(f"{what}: statuses must list at least two distinct statuses")
     known = ", ".join(statuses)
 
-    def status(n: _Node, label: str) -> str:
+    def status(n: Node, label: str) -> str:
         s = _str(n, f"{what}: {label}")
         if s not in statuses:
             raise n.error(f"{what}: {label} names an unknown status '{s}'; use one of {known}")

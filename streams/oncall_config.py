@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 
 from streams.domain.oncall import matches  # the one definition of a rule match
-from streams.config import ConfigError, Tenant, _Node, compose_yaml
+from streams.config import ConfigError, Tenant, Node, compose_yaml
 from streams.domain.escalation import Directory, Policy, PolicyError, parse_policy
 from streams.domain.intake import PRIORITIES, SEVERITIES, URGENCIES
 from streams.domain.schedules import Schedule, ScheduleError, parse_duration, parse_schedule
@@ -206,7 +206,7 @@ def _read(path: Path) -> bytes | None:
                           f"make it a readable file") from None
 
 
-def _compose(path: Path, data: bytes) -> _Node | None:
+def _compose(path: Path, data: bytes) -> Node | None:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -215,7 +215,7 @@ def _compose(path: Path, data: bytes) -> _Node | None:
     return compose_yaml(path, text)
 
 
-def _plain(node: _Node) -> Any:
+def _plain(node: Node) -> Any:
     """The node tree as plain Python data (what the pure parsers take)."""
     v = node.value
     if isinstance(v, dict):
@@ -228,7 +228,7 @@ def _plain(node: _Node) -> Any:
 _INDEX = re.compile(r"\[(\d+)\]")
 
 
-def locate(root: _Node, path: str) -> tuple[_Node, int]:
+def locate(root: Node, path: str) -> tuple[Node, int]:
     """Follow a dotted path (``a.b[0].c``) from ``root``: the deepest node reached and its line.
 
     Stepping into a mapping by key gives the key's line (a nested block
@@ -264,7 +264,7 @@ def locate(root: _Node, path: str) -> tuple[_Node, int]:
 
 
 class _Parser:
-    def __init__(self, tenant: Tenant, path: Path, root: _Node) -> None:
+    def __init__(self, tenant: Tenant, path: Path, root: Node) -> None:
         self.tenant = tenant
         self.file = str(path)
         self.root = root
@@ -293,21 +293,21 @@ class _Parser:
 
     # -- small validators (by path) ------------------------------------------
 
-    def mapping(self, node: _Node, path: str, hint: str) -> dict[str, _Node]:
+    def mapping(self, node: Node, path: str, hint: str) -> dict[str, Node]:
         if node.value is None:
             return {}
         if not isinstance(node.value, dict):
             raise self.err(path, f"{path}: must be a mapping, e.g. {hint}")
         return node.value
 
-    def seq(self, node: _Node, path: str, hint: str) -> list[_Node]:
+    def seq(self, node: Node, path: str, hint: str) -> list[Node]:
         if node.value is None:
             return []
         if not isinstance(node.value, list):
             raise self.err(path, f"{path}: must be a list, e.g. {hint}")
         return node.value
 
-    def string(self, node: _Node, path: str) -> str:
+    def string(self, node: Node, path: str) -> str:
         if not isinstance(node.value, str) or not node.value.strip():
             quote = isinstance(node.value, (int, float, date))  # bool is an int: yes/no/on/off
             raise self.err(path, f"{path}: must be a non-empty string, got {node.value!r}"
@@ -320,7 +320,7 @@ class _Parser:
                                                    f"digits and . _ @ + - (starting with a letter or digit)")
         return key
 
-    def no_unknown(self, node: _Node, path: str, allowed: tuple[str, ...]) -> None:
+    def no_unknown(self, node: Node, path: str, allowed: tuple[str, ...]) -> None:
         for k in node.value:
             if k not in allowed:
                 raise ConfigError(f"{self.file}:{node.key_lines.get(k, node.line)}: {path}: unknown key '{k}'; "
@@ -362,7 +362,7 @@ class _Parser:
             notification_rules=rules, delivery=delivery,
         )
 
-    def endpoints(self, node: _Node | None) -> dict[str, Endpoint]:
+    def endpoints(self, node: Node | None) -> dict[str, Endpoint]:
         if node is None:
             return {}
         out = {}
@@ -394,7 +394,7 @@ class _Parser:
             out[name] = Endpoint(name, channel, url, secret)
         return out
 
-    def notification_rules(self, node: _Node | None, endpoints: dict[str, Endpoint]
+    def notification_rules(self, node: Node | None, endpoints: dict[str, Endpoint]
                            ) -> tuple[NotificationRule, ...]:
         if node is None:
             return ()
@@ -412,7 +412,7 @@ class _Parser:
             out.append(NotificationRule(rid, tuple(types), self.criteria(m.get("match"), f"{p}.match"), names))
         return tuple(out)
 
-    def delivery(self, node: _Node | None) -> DeliverySettings:
+    def delivery(self, node: Node | None) -> DeliverySettings:
         if node is None:
             return DeliverySettings()
         m = self.mapping(node, "delivery", "{timeout: 5s, retry_window: 24h}")
@@ -441,7 +441,7 @@ class _Parser:
             kw["allow_http"] = m["allow_http"].value
         return DeliverySettings(**kw)
 
-    def event_types(self, m: dict[str, _Node], p: str) -> tuple[str, ...]:
+    def event_types(self, m: dict[str, Node], p: str) -> tuple[str, ...]:
         """``<p>.event_types``: a non-empty list of known domain event types (absent: every type)."""
         from streams.domain.cases import EVENT_TYPES
 
@@ -460,7 +460,7 @@ class _Parser:
             types.append(t)
         return tuple(dict.fromkeys(types))
 
-    def subscriptions(self, node: _Node | None) -> tuple[Subscription, ...]:
+    def subscriptions(self, node: Node | None) -> tuple[Subscription, ...]:
         if node is None:
             return ()
         items = self.seq(node, "subscriptions", "[{id: sre-pages, format: avro, match: {severity: critical}}]")
@@ -479,7 +479,7 @@ class _Parser:
             out.append(Subscription(sid, fmt, self.event_types(m, p), self.criteria(m.get("match"), f"{p}.match")))
         return tuple(out)
 
-    def users(self, node: _Node | None) -> dict[str, User]:
+    def users(self, node: Node | None) -> dict[str, User]:
         out: dict[str, User] = {}
         if node is None:
             return out
@@ -505,7 +505,7 @@ class _Parser:
             out[uid] = User(uid, name, email, contact)
         return out
 
-    def teams(self, node: _Node | None, users: dict[str, User]) -> dict[str, tuple[str, ...]]:
+    def teams(self, node: Node | None, users: dict[str, User]) -> dict[str, tuple[str, ...]]:
         out: dict[str, tuple[str, ...]] = {}
         if node is None:
             return out
@@ -524,7 +524,7 @@ class _Parser:
             out[tid] = tuple(ids)
         return out
 
-    def schedules(self, node: _Node | None, users: dict[str, User]) -> dict[str, Schedule]:
+    def schedules(self, node: Node | None, users: dict[str, User]) -> dict[str, Schedule]:
         out: dict[str, Schedule] = {}
         if node is None:
             return out
@@ -543,7 +543,7 @@ class _Parser:
             out[sid] = schedule
         return out
 
-    def policies(self, node: _Node | None, directory: Directory, users: dict[str, User]) -> dict[str, Policy]:
+    def policies(self, node: Node | None, directory: Directory, users: dict[str, User]) -> dict[str, Policy]:
         out: dict[str, Policy] = {}
         if node is None:
             return out
@@ -562,7 +562,7 @@ class _Parser:
             out[pid] = policy
         return out
 
-    def criteria(self, node: _Node | None, path: str) -> dict[str, tuple[str, ...]]:
+    def criteria(self, node: Node | None, path: str) -> dict[str, tuple[str, ...]]:
         out: dict[str, tuple[str, ...]] = {}
         if node is None:
             return out
@@ -586,7 +586,7 @@ class _Parser:
             out[key] = tuple(dict.fromkeys(v for v, _ in items))
         return out
 
-    def rule_ids(self, items: list[_Node], section: str) -> list[str]:
+    def rule_ids(self, items: list[Node], section: str) -> list[str]:
         """Each rule's id (required, unique within the section)."""
         seen: dict[str, int] = {}
         ids = []
@@ -606,7 +606,7 @@ class _Parser:
             ids.append(rid)
         return ids
 
-    def routing_rules(self, node: _Node | None, policies: dict[str, Policy]) -> tuple[RoutingRule, ...]:
+    def routing_rules(self, node: Node | None, policies: dict[str, Policy]) -> tuple[RoutingRule, ...]:
         if node is None:
             return ()
         items = self.seq(node, "routing_rules", "[{id: all, match: {}, escalation_policy: default}]")
@@ -629,7 +629,7 @@ class _Parser:
             out.append(RoutingRule(rid, self.criteria(m.get("match"), f"{p}.match"), pid, urgency))
         return tuple(out)
 
-    def automation_rules(self, node: _Node | None, users: dict[str, User],
+    def automation_rules(self, node: Node | None, users: dict[str, User],
                          policies: dict[str, Policy]) -> tuple[AutomationRule, ...]:
         if node is None:
             return ()
@@ -675,7 +675,7 @@ class _Parser:
             out.append(AutomationRule(rid, trigger, to_status, count, sla, conditions, actions))
         return tuple(out)
 
-    def actions(self, node: _Node | None, path: str, rid: str, users: dict[str, User],
+    def actions(self, node: Node | None, path: str, rid: str, users: dict[str, User],
                 policies: dict[str, Policy]) -> tuple[tuple[str, str], ...]:
         hint = "[{set_priority: P1}, {comment: \"...\"}]"
         items = self.seq(node, path, hint) if node is not None else []
@@ -708,7 +708,7 @@ class _Parser:
             out.append((kind, value))
         return tuple(out)
 
-    def slas(self, node: _Node | None) -> dict[str, Sla]:
+    def slas(self, node: Node | None) -> dict[str, Sla]:
         if node is None or node.value is None:
             return {}
         try:
@@ -716,7 +716,7 @@ class _Parser:
         except (SlaError, ValueError) as exc:
             raise self.from_domain(exc) from None
 
-    def ack_timeout(self, node: _Node) -> int | None:
+    def ack_timeout(self, node: Node) -> int | None:
         v = node.value
         if v is False or v == 0 or (isinstance(v, str) and v.strip().lower() in ("off", "0")):
             return None

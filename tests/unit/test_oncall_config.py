@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import streams.oncall_config as oc
-from streams.config import PROJECT_ROOT, ConfigError, _Node, get_tenant
+from streams.config import PROJECT_ROOT, ConfigError, Node, get_tenant
 from streams.domain.escalation import Target
 from streams.oncall_config import (
     AutomationRule,
@@ -570,11 +570,11 @@ def test_sla_not_a_mapping(tmp_path):
 
 
 def test_locate_follows_keys_with_dots_and_indexes():
-    leaf = _Node("v", "f", 7)
-    item = _Node({"x": leaf}, "f", 6, {"x": 7})
-    seq = _Node([_Node("a", "f", 4), item], "f", 4)
-    team = _Node({"members": seq}, "f", 3, {"members": 4})
-    root = _Node({"teams": _Node({"sre.eu": team, "sre": _Node({}, "f", 9)}, "f", 2, {"sre.eu": 2, "sre": 9})},
+    leaf = Node("v", "f", 7)
+    item = Node({"x": leaf}, "f", 6, {"x": 7})
+    seq = Node([Node("a", "f", 4), item], "f", 4)
+    team = Node({"members": seq}, "f", 3, {"members": 4})
+    root = Node({"teams": Node({"sre.eu": team, "sre": Node({}, "f", 9)}, "f", 2, {"sre.eu": 2, "sre": 9})},
                  "f", 1, {"teams": 1})
     assert locate(root, "teams.sre.eu.members[1].x") == (leaf, 7)
     assert locate(root, "teams.sre.eu.members[1]")[1] == 6
