@@ -21,7 +21,7 @@ tenant's ``OnCallConfig`` (``streams/oncall_config.py``):
 **Timers** are stream state: ``entry["oncall"][case_id]`` holds the case's
 escalation state and its pending timers, at most one per kind
 (``escalation``, ``ack_timeout``, ``sla``), each with a unique id. A due
-timer comes back as a timer message (``streams/timers.py``); :func:`decide_timer`
+timer comes back as a timer message (``agents/timers.py``); :func:`decide_timer`
 fires it only while it is still the pending one of its kind, so a timer
 delivered twice, or one made stale by an acknowledgement, does nothing. A
 fired timer acts at its due time: events it causes carry ``occurred_at =
