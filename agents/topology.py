@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import faust
 
 from streams.config import Tenant, TopicFamily
+from streams.kafka import create_topics, track_producer_topics
 
 log = logging.getLogger("casestream.intake")
 
@@ -43,16 +44,14 @@ class Topology:
     bootstrap: str = ""                  # Kafka, for the admin work agents do (relay topics)
     relay_ready: set[str] = field(default_factory=set)  # subscriptions whose relay topic exists
     relay_retry_at: float = 0.0          # monotonic time before which topic creation is not retried
-    producer_tracked: bool = False       # the producer tracks every topic the worker writes to (agents/intake.py)
+    producer_tracked: bool = False       # the producer tracks every topic the worker writes to (ensure_relay_topics)
     busy_sinks: set[str] = field(default_factory=set)  # sinks inside write_batch (for the watchdog)
-
 
 
 def raw_topic(app: faust.App, name: str) -> faust.TopicT:
     """A topic of bytes keys and values: agents decode themselves (Avro, JSON)."""
     return app.topic(name, key_type=bytes, value_type=bytes,
                      key_serializer="raw", value_serializer="raw", internal=False)
-
 
 
 def write_in_context(table, event, key: str, value: bytes | None) -> None:
@@ -83,8 +82,6 @@ def producer_topics(topo: Topology, subscriptions=()) -> list[str]:
 
 async def track_topics(topo: Topology, subscriptions=()) -> bool:
     """The worker's producer keeps metadata for every topic it writes to (``streams.kafka.track_producer_topics``)."""
-    from streams.kafka import track_producer_topics
-
     producer = getattr(topo.app.producer, "_producer", None)
     try:
         return await track_producer_topics(producer, producer_topics(topo, subscriptions))
@@ -104,8 +101,6 @@ async def ensure_relay_topics(topo: Topology) -> None:
     missing = wanted - topo.relay_ready
     if not missing or time.monotonic() < topo.relay_retry_at:
         return
-    from streams.kafka import create_topics
-
     try:
         await create_topics(topo.bootstrap, [], extra=[topo.family.relay(s) for s in sorted(missing)])
         if not await track_topics(topo, topo.relay_ready | missing):

@@ -8,10 +8,10 @@ be built side by side (tests, ``casestream topics create``).
 
 from __future__ import annotations
 
+from agents.topology import Topology, raw_topic
 from streams import store
 from streams.batching import QuietStream
 from streams.rebalance import App
-from agents.topology import Topology, raw_topic
 from streams.config import MAX_RECORD_BYTES, ConfigError, get_tenant, load_topics
 from streams.settings import Settings, default_instance_id
 
